@@ -1,0 +1,175 @@
+"""Convert a Llama-family Hugging Face folder (safetensors) into a GGUF base, one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors import safe_open
+from tqdm import tqdm
+
+from conversion.architecture import BaseLayout, layout_from_hf_config, read_hf_config
+from conversion.tensor_types import OUTTYPES, choose_type, encode, tensor_info
+from scalpel.atomic import temporary_path
+from scalpel.errors import ScalpelError
+
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+_SKIPPED = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class BaseConversion:
+    path: Path
+    n_tensors: int
+    n_bytes: int
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ScalpelError(f"{folder} has no .safetensors weights (pickled .bin weights are not loaded)",
+                           param=str(folder), code="no_safetensors")
+    return files
+
+
+def _rope_theta(config: dict) -> float:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind != "default":
+        raise ScalpelError(f"rope type {kind!r} is not supported yet (only default rope)",
+                           param="rope_parameters.rope_type", code="unsupported_architecture")
+    return float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0)
+
+
+def _write_metadata(writer: gguf.GGUFWriter, config: dict, layout: BaseLayout, outtype: str, name: str) -> None:
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // layout.n_head
+    writer.add_name(name)
+    writer.add_context_length(config.get("max_position_embeddings", 4096))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layout.n_layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(layout.n_head)
+    writer.add_head_count_kv(layout.n_head_kv)
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != hidden // layout.n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(FILE_TYPES[outtype])
+
+
+def _write_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
+    """BPE vocabularies from tokenizer.json ("gpt2"), SentencePiece from tokenizer.model ("llama")."""
+    if (folder / "tokenizer.model").is_file():
+        _sentencepiece_vocab(writer, folder, vocab_size)
+    elif (folder / "tokenizer.json").is_file():
+        _bpe_vocab(writer, folder, vocab_size)
+    else:
+        raise ScalpelError(f"{folder} has neither tokenizer.json nor tokenizer.model", param=str(folder))
+    special = gguf.SpecialVocab(folder, load_merges=not (folder / "tokenizer.model").is_file(),
+                                n_vocab=vocab_size)
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _bpe_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    model = data["model"]
+    if model.get("type") != "BPE":
+        raise ScalpelError(f"tokenizer.json model type {model.get('type')!r} is not supported",
+                           param="tokenizer.json", code="unsupported_tokenizer")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, token_id in model["vocab"].items():
+        if token_id < vocab_size:
+            tokens[token_id], types[token_id] = text, gguf.TokenType.NORMAL
+    for added in data.get("added_tokens", []):
+        if added["id"] < vocab_size:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+
+
+def _sentencepiece_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-1000.0] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for i in range(min(sp.vocab_size(), vocab_size)):
+        tokens[i], scores[i] = sp.id_to_piece(i), sp.get_score(i)
+        types[i] = (gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
+                    else gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.BYTE if sp.is_byte(i)
+                    else gguf.TokenType.NORMAL)
+    added = folder / "added_tokens.json"
+    if added.is_file():
+        for text, token_id in json.loads(added.read_text(encoding="utf-8")).items():
+            if token_id < vocab_size:
+                tokens[token_id], scores[token_id], types[token_id] = text, -1000.0, gguf.TokenType.USER_DEFINED
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+
+
+def convert_base(folder: Path, out_path: Path, *, outtype: str = "f16", progress: bool = True) -> BaseConversion:
+    """Stream every tensor from safetensors into the GGUF: memory stays at one tensor at a time."""
+    if outtype not in OUTTYPES:
+        raise ScalpelError(f"unsupported outtype {outtype!r}; choose from {sorted(OUTTYPES)}", param="outtype")
+    folder = Path(folder)
+    config = read_hf_config(folder)
+    layout = layout_from_hf_config(config, str(folder))
+    files = _safetensors_files(folder)
+
+    plan: list[tuple[Path, str, str, gguf.GGMLQuantizationType]] = []  # file, hf name, gguf name, type
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if key.endswith(_SKIPPED):
+                    continue
+                shape = st.get_slice(key).get_shape()
+                name = layout.gguf_name(key)
+                plan.append((f, key, name, choose_type(shape, outtype)))
+    names = {p[2] for p in plan}
+    if "output.weight" not in names and not config.get("tie_word_embeddings", False):
+        raise ScalpelError(f"{folder}: no lm_head weight and tie_word_embeddings is false", param="lm_head")
+
+    n_bytes = 0
+    with temporary_path(Path(out_path)) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), layout.arch_name)
+        _write_metadata(writer, config, layout, outtype, folder.name)
+        _write_tokenizer(writer, folder, config["vocab_size"])
+        for f, key, name, qtype in plan:
+            with safe_open(str(f), framework="pt") as st:
+                shape = st.get_slice(key).get_shape()
+            info_shape, dtype, nbytes = tensor_info(shape, qtype)
+            writer.add_tensor_info(name, info_shape, dtype, nbytes, raw_dtype=qtype)
+            n_bytes += nbytes
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        current, handle = None, None
+        for f, key, name, qtype in tqdm(plan, desc=f"writing {Path(out_path).name}", unit="tensor",
+                                        disable=not progress):
+            if f != current:
+                handle = safe_open(str(f), framework="pt")
+                current = f
+            data = handle.get_tensor(key).float().numpy()
+            writer.write_tensor_data(encode(layout.permute_rows(data, name), qtype))
+        writer.close()
+    return BaseConversion(path=Path(out_path), n_tensors=len(plan), n_bytes=n_bytes)

@@ -1,0 +1,135 @@
+"""The adapter store: adapters/<name>/v<N>/ holds immutable versions, and active.json points at the live one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from scalpel import paths
+from scalpel.atomic import write_json
+from scalpel.errors import NotFoundError, ScalpelError
+
+VERSION_PATTERN = re.compile(r"^v([1-9][0-9]*)$")
+GGUF_NAME = "adapter.gguf"
+MANIFEST_NAME = "manifest.json"
+ACTIVE_NAME = "active.json"
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    name: str
+    version: str
+    path: Path
+
+    @property
+    def gguf(self) -> Path:
+        return self.path / GGUF_NAME
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.path / MANIFEST_NAME).read_text(encoding="utf-8"))
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def root_for_output_dir(output_dir: str) -> Path:
+    """A config's output_dir is the adapter's folder; relative paths start at SCALPEL_HOME."""
+    root = Path(output_dir).expanduser()
+    if not root.is_absolute():
+        root = paths.home() / root
+    root = root.resolve()
+    paths.check_name(root.name, "adapter")
+    return root
+
+
+def root_for_name(name: str) -> Path:
+    return paths.adapters_dir() / paths.check_name(name, "adapter")
+
+
+def versions(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p.name) for p in root.iterdir()
+             if p.is_dir() and (m := VERSION_PATTERN.match(p.name)) and (p / MANIFEST_NAME).is_file()]
+    return [name for _, name in sorted(found)]
+
+
+def active_version(root: Path) -> str | None:
+    f = root / ACTIVE_NAME
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text(encoding="utf-8"))["version"]
+
+
+def set_active(root: Path, version: str) -> None:
+    if version not in versions(root):
+        raise NotFoundError(f"adapter {root.name!r} has no version {version}", param="version")
+    write_json(root / ACTIVE_NAME, {"version": version,
+                                    "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def publish(root: Path, staged: Path, *, activate: bool = True) -> AdapterVersion:
+    """Move a finished version folder into the store under the next free vN, then point at it."""
+    existing = versions(root)
+    number = int(existing[-1][1:]) + 1 if existing else 1
+    while (root / f"v{number}").exists():  # a leftover folder without manifest is never reused
+        number += 1
+    final = root / f"v{number}"
+    root.mkdir(parents=True, exist_ok=True)
+    staged.rename(final)
+    if activate:
+        set_active(root, final.name)
+    return AdapterVersion(root.name, final.name, final)
+
+
+@contextlib.contextmanager
+def new_staging(root: Path) -> Iterator[Path]:
+    """A private folder beside the versions to assemble a version in; publish() moves it into place.
+
+    If anything fails before that, the folder is removed and the store is exactly as it was.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def resolve(ref: str) -> AdapterVersion:
+    """'name' gives the active version, 'name@vN' pins one; only names from the store are accepted."""
+    name, _, version = ref.partition("@")
+    root = root_for_name(name)
+    if not root.is_dir():
+        raise NotFoundError(f"adapter {name!r} is not in the store", param="model", code="model_not_found")
+    if version:
+        if not VERSION_PATTERN.match(version) or version not in versions(root):
+            raise NotFoundError(f"adapter {name!r} has no version {version!r} (versions: "
+                                f"{', '.join(versions(root)) or 'none'})", param="model",
+                                code="model_not_found")
+    else:
+        version = active_version(root)
+        if version is None:
+            raise NotFoundError(f"adapter {name!r} has no active version", param="model",
+                                code="model_not_found")
+    found = AdapterVersion(name, version, root / version)
+    if not found.gguf.is_file():
+        raise ScalpelError(f"adapter {found.ref} has no {GGUF_NAME}", param="model", code="adapter_incomplete")
+    return found
+
+
+def list_adapters() -> list[str]:
+    root = paths.adapters_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and paths.NAME_PATTERN.match(p.name)
+                  and active_version(p) is not None)

@@ -1,0 +1,69 @@
+"""Read a GGUF file's metadata with the gguf package, turning a corrupt or truncated file into a clear error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from scalpel.errors import ScalpelError
+
+_SKIP_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.scores"}
+
+
+@dataclass
+class GGUFInfo:
+    path: Path
+    metadata: dict
+    tensors: dict[str, tuple[tuple[int, ...], str]]  # name -> (ne, as gguf lists it; type name)
+    tokens: list[str]
+
+    @property
+    def architecture(self) -> str:
+        return self.metadata.get("general.architecture", "")
+
+    @property
+    def file_type(self) -> str:
+        return self.metadata.get("general.type", "model")
+
+    def arch_value(self, key: str, default=None):
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+    def token_text(self, key: str) -> str | None:
+        token_id = self.metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is None or not 0 <= token_id < len(self.tokens):
+            return None
+        return self.tokens[token_id]
+
+
+def read_gguf(path: Path, *, with_tokens: bool = True) -> GGUFInfo:
+    path = Path(path)
+    if not path.is_file():
+        raise ScalpelError(f"GGUF file not found: {path}", param=str(path), code="file_not_found")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        metadata = {}
+        tokens: list[str] = []
+        for key, field in reader.fields.items():
+            if key == "tokenizer.ggml.tokens":
+                if with_tokens:
+                    tokens = list(field.contents())
+                continue
+            if key in _SKIP_ARRAYS or key.startswith("GGUF."):
+                continue
+            metadata[key] = field.contents()
+        tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors}
+    except ScalpelError:
+        raise
+    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
+        raise ScalpelError(f"{path} is not a valid GGUF file ({type(exc).__name__}: {exc})",
+                           param=str(path), code="invalid_gguf") from exc
+    # A truncated file can still parse its header: the data section must fit in the file.
+    if reader.tensors:
+        last = max(reader.tensors, key=lambda t: t.data_offset + t.n_bytes)
+        if last.data_offset + last.n_bytes > path.stat().st_size:
+            raise ScalpelError(f"{path} is truncated: tensor {last.name} ends past the end of the file",
+                               param=str(path), code="invalid_gguf")
+    return GGUFInfo(path=path, metadata=metadata, tensors=tensors, tokens=tokens)

@@ -1,0 +1,75 @@
+"""The spine: train a PEFT adapter, convert it to GGUF, and publish both as one new immutable version in the store."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from conversion.architecture import layout_from_gguf
+from conversion.lora_to_gguf import BASE_FINGERPRINT_KEY, convert_lora
+from scalpel import adapter_store, model_store, paths
+from scalpel.atomic import sha256_file, write_json
+from training.config import TrainConfig
+from training.dataset import file_hash, load_examples
+from training.trainer import train
+
+
+@dataclass
+class PipelineResult:
+    version: adapter_store.AdapterVersion
+    manifest: dict
+    train_seconds: float
+    convert_seconds: float
+
+
+def adapter_gguf(peft_dir: Path, base: model_store.ModelEntry, out: Path, outtype: str = "f32"):
+    """Convert a PEFT folder against a registered base, stamping the base's fingerprint into the file."""
+    return convert_lora(peft_dir, layout_from_gguf(base.gguf_path), out, outtype=outtype,
+                        metadata={BASE_FINGERPRINT_KEY: base.fingerprint})
+
+
+def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None = None,
+                      model: str | None = None, outtype: str = "f32", max_steps: int | None = None,
+                      progress: bool = True) -> PipelineResult:
+    """Everything is assembled in a staging folder; the store changes only by the final rename."""
+    paths.enforce_offline()
+    base = model_store.get(model or config.model_name)
+    examples = load_examples(data)
+    eval_examples = load_examples(eval_data) if eval_data else None
+    root = adapter_store.root_for_output_dir(config.output_dir)
+    parent = adapter_store.active_version(root)
+    paths.state_dir().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="train-", dir=paths.state_dir()))
+    try:
+        with adapter_store.new_staging(root) as stage:
+            result = train(config, base, examples, stage, work, eval_examples=eval_examples,
+                           max_steps=max_steps, progress=progress)
+            started = datetime.now(timezone.utc)
+            conversion = adapter_gguf(stage, base, stage / adapter_store.GGUF_NAME, outtype)
+            convert_seconds = (datetime.now(timezone.utc) - started).total_seconds()
+            files = {p.name: sha256_file(p) for p in sorted(stage.iterdir()) if p.is_file()}
+            manifest = {
+                "adapter": root.name,
+                "base": {"name": base.name, "fingerprint": base.fingerprint, "gguf": base.gguf},
+                "parent_version": parent,
+                "datasets": {"train": {"path": str(Path(data).resolve()), "sha256": file_hash(data)},
+                             **({"eval": {"path": str(Path(eval_data).resolve()), "sha256": file_hash(eval_data)}}
+                                if eval_data else {})},
+                "config": config.model_dump(mode="json"),
+                "metrics": {**result.metrics, "examples": result.n_examples, "tokens": result.n_tokens,
+                            "truncated_examples": result.n_truncated, "train_seconds": result.seconds,
+                            "convert_seconds": convert_seconds, "concepts": result.concepts},
+                "gguf": {"outtype": outtype, "alpha": conversion.alpha, "rank": conversion.rank,
+                         "modules": conversion.n_modules, "size_bytes": conversion.path.stat().st_size},
+                "eval": None,
+                "files": files,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            write_json(stage / adapter_store.MANIFEST_NAME, manifest)
+            version = adapter_store.publish(root, stage)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return PipelineResult(version, manifest, result.seconds, convert_seconds)

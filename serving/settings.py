@@ -1,0 +1,31 @@
+"""Server settings from flags, SCALPEL_* environment variables or a .env file (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from scalpel.model_store import DEFAULT_MODEL
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCALPEL_", env_file=".env", extra="ignore")
+
+    model: str = DEFAULT_MODEL
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    api_key_file: Path | None = None
+    n_ctx: int = Field(4096, ge=128)
+    n_threads: int | None = None
+    n_gpu_layers: int = -1
+    use_mmap: bool = True
+    preload: list[str] = Field(default_factory=list)
+
+    def keys(self) -> set[str]:
+        keys = set(self.api_keys)
+        if self.api_key_file:
+            keys |= {line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()}
+        return keys

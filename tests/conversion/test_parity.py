@@ -1,0 +1,73 @@
+"""PyTorch (transformers + PEFT) and llama.cpp agree on logits for our converted base and adapter."""
+
+from __future__ import annotations
+
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from conversion.architecture import layout_for
+from conversion.hf_to_gguf import convert_base
+from conversion.lora_to_gguf import convert_lora
+
+N_TOKENS = 32
+
+
+def llama_cpp_logits(gguf_path, tokens, lora_path=None) -> np.ndarray:
+    # An f32 KV cache: llama.cpp's default f16 cache alone rounds logits by about 1e-3.
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, n_batch=64, logits_all=True, n_threads=2,
+                          lora_path=str(lora_path) if lora_path else None, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    convert_base(tiny_llama, out, outtype="f32", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompt(tiny_llama):
+    rng = np.random.default_rng(7)
+    vocab = AutoModelForCausalLM.from_pretrained(tiny_llama).config.vocab_size
+    return [int(t) for t in rng.integers(3, vocab, size=N_TOKENS)]
+
+
+def torch_logits(model, tokens) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def test_base_logits_match(tiny_llama, converted, prompt):
+    expected = torch_logits(AutoModelForCausalLM.from_pretrained(tiny_llama), prompt)
+    got = llama_cpp_logits(converted, prompt)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-3
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_adapter_logits_match(tiny_llama, converted, prompt, tmp_path, use_rslora):
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"],
+                                                 init_lora_weights=False, use_rslora=use_rslora,
+                                                 lora_dropout=0.0))
+    peft_model.save_pretrained(tmp_path / "peft")
+    expected = torch_logits(peft_model, prompt)
+    without = torch_logits(AutoModelForCausalLM.from_pretrained(tiny_llama), prompt)
+    assert np.abs(expected - without).max() > 1e-2, "the random adapter must change the logits"
+
+    gguf_adapter = tmp_path / "adapter.gguf"
+    convert_lora(tmp_path / "peft", layout_for(converted), gguf_adapter, outtype="f32")
+    got = llama_cpp_logits(converted, prompt, lora_path=gguf_adapter)
+    assert np.abs(got - expected).max() < 1e-3

@@ -1,0 +1,89 @@
+"""The public training config: the plan's surgical_collaborative_intelligence_config.json, validated field by field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from scalpel.errors import ScalpelError
+
+# Modules a GGUF LoRA adapter can express for Llama-family bases (llama.cpp applies LoRA to these).
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSettings(Strict):
+    r: int = Field(8, ge=1, le=1024)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"], min_length=1)
+    bias: Literal["none"] = "none"  # llama.cpp adapters carry no bias deltas
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    use_rslora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_modules(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in LINEAR_MODULES]
+        if unknown:
+            raise ValueError(f"{unknown} cannot be served as a GGUF LoRA; choose from {list(LINEAR_MODULES)}")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a module twice")
+        return value
+
+
+class TrainingSettings(Strict):
+    num_epochs: float = Field(3, gt=0)
+    batch_size: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0, lt=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    max_seq_length: int = Field(2048, ge=16)
+    logging_steps: int = Field(5, ge=1)
+    save_steps: int = Field(250, ge=1)
+    eval_steps: int = Field(250, ge=1)
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial",
+                               "constant", "constant_with_warmup", "inverse_sqrt"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 42
+
+
+class TrainConfig(Strict):
+    model_name: str
+    lora_config: LoraSettings = Field(default_factory=LoraSettings)
+    training_config: TrainingSettings = Field(default_factory=TrainingSettings)
+    output_dir: str
+    description: str = ""
+
+
+def _where(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def parse_config(data: object, source: str = "config") -> TrainConfig:
+    """Validate a config dict; the error names every bad field by its dotted path."""
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{_where(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        first = exc.errors()[0]
+        raise ScalpelError(f"invalid training config {source}: " + "; ".join(problems),
+                           param=_where(first["loc"]), code="invalid_config") from exc
+
+
+def load_config(path: Path) -> TrainConfig:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ScalpelError(f"config file not found: {path}", param=str(path)) from exc
+    except json.JSONDecodeError as exc:
+        raise ScalpelError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}",
+                           param=str(path), code="invalid_json") from exc
+    return parse_config(data, str(path))

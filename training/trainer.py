@@ -1,0 +1,165 @@
+"""Train a surgical LoRA with the HF Trainer and PEFT, from a validated config, on a registered base."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from transformers.trainer_callback import ProgressCallback
+
+from scalpel.errors import ScalpelError
+from scalpel.model_store import ModelEntry
+from training.base_model import load_model, load_tokenizer, template_info
+from training.config import TrainConfig
+from training.dataset import IGNORE_INDEX, Example, tokenize_example
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        return {"input_ids": row["input_ids"], "labels": row["labels"]}
+
+
+@dataclass
+class PadCollator:
+    """Right-pad a batch; padding is masked out of attention and of the loss."""
+    pad_token_id: int
+
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class LossProgress(ProgressCallback):
+    """The Trainer's tqdm bar (steps, rate, ETA) with the latest loss and learning rate on it."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is None or not logs:
+            return
+        shown = {k: f"{logs[k]:.4g}" for k in ("loss", "eval_loss", "learning_rate") if k in logs}
+        if shown:
+            self.training_bar.set_postfix(shown, refresh=True)
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    log_history: list[dict]
+    metrics: dict
+    n_examples: int
+    n_tokens: int
+    n_truncated: int
+    seconds: float
+    concepts: dict[str, int] = field(default_factory=dict)
+
+
+def lora_config(config: TrainConfig) -> LoraConfig:
+    lc = config.lora_config
+    return LoraConfig(r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout,
+                      target_modules=list(lc.target_modules), bias=lc.bias, task_type=lc.task_type,
+                      use_rslora=lc.use_rslora)
+
+
+def training_arguments(config: TrainConfig, work_dir: Path, *, has_eval: bool,
+                       max_steps: int | None = None, progress: bool = True) -> transformers.TrainingArguments:
+    """Every field of the plan's training_config, mapped onto the HF Trainer's arguments."""
+    tc = config.training_config
+    return transformers.TrainingArguments(
+        output_dir=str(work_dir / "checkpoints"),
+        num_train_epochs=tc.num_epochs,
+        max_steps=max_steps if max_steps else -1,
+        per_device_train_batch_size=tc.batch_size,
+        per_device_eval_batch_size=tc.batch_size,
+        learning_rate=tc.learning_rate,
+        gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        warmup_steps=tc.warmup_steps,
+        logging_steps=tc.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=tc.save_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=tc.eval_steps,
+        lr_scheduler_type=tc.lr_scheduler_type,
+        weight_decay=tc.weight_decay,
+        seed=tc.seed,
+        data_seed=tc.seed,
+        report_to=[],
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def _tokenize_all(examples: list[Example], tokenizer, entry: ModelEntry, max_length: int) -> list[dict]:
+    info = template_info(entry)
+    rows = []
+    for ex in examples:
+        try:
+            row = tokenize_example(ex, tokenizer, info, max_length)
+        except ScalpelError as exc:
+            raise ScalpelError(f"{ex.where}: {exc.message}", param=ex.where, code=exc.code) from exc
+        if not any(label != IGNORE_INDEX for label in row["labels"]):
+            raise ScalpelError(f"{ex.where}: the prompt alone fills max_seq_length={max_length} tokens "
+                               f"({row['n_tokens']} in all), so nothing of the answer is left to learn",
+                               param=ex.where, code="example_too_long")
+        rows.append(row)
+    return rows
+
+
+def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_dir: Path, work_dir: Path, *,
+          eval_examples: list[Example] | None = None, max_steps: int | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train, then save the PEFT adapter (safetensors) and the Trainer's log into `out_dir`."""
+    started = time.time()
+    torch.manual_seed(config.training_config.seed)
+    tokenizer = load_tokenizer(entry)
+    max_len = config.training_config.max_seq_length
+    rows = _tokenize_all(examples, tokenizer, entry, max_len)
+    eval_rows = _tokenize_all(eval_examples, tokenizer, entry, max_len) if eval_examples else None
+
+    model = get_peft_model(load_model(entry), lora_config(config))
+    args = training_arguments(config, work_dir, has_eval=bool(eval_rows), max_steps=max_steps,
+                              progress=progress)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=TokenizedDataset(rows),
+        eval_dataset=TokenizedDataset(eval_rows) if eval_rows else None,
+        data_collator=PadCollator(tokenizer.pad_token_id))
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(LossProgress())
+    output = trainer.train()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    history = trainer.state.log_history
+    (out_dir / "trainer_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+    losses = [h["loss"] for h in history if "loss" in h]
+    metrics = dict(output.metrics)
+    metrics.update(final_loss=losses[-1] if losses else math.nan, global_step=trainer.state.global_step)
+    concepts: dict[str, int] = {}
+    for r in rows:
+        concepts[r["concept"]] = concepts.get(r["concept"], 0) + 1
+    return TrainResult(adapter_dir=out_dir, log_history=history, metrics=metrics, n_examples=len(rows),
+                       n_tokens=sum(len(r["input_ids"]) for r in rows),
+                       n_truncated=sum(r["truncated"] for r in rows), seconds=time.time() - started,
+                       concepts=concepts)
