@@ -33,8 +33,23 @@ def load_model(entry: ModelEntry, dtype: torch.dtype = torch.float32):
     # Safetensors only and never remote code: a base folder cannot run code or unpickle objects.
     if entry.format == "hf":
         kwargs["use_safetensors"] = True
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False,
-                                                             **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False,
+                                                              **kwargs)
+    if entry.format == "gguf":
+        _detach_gguf_quantizer(model)
+    return model
+
+
+def _detach_gguf_quantizer(model) -> None:
+    """transformers tags a GGUF-loaded model as quantized even when it dequantized every weight, and the
+    Trainer then refuses it. We train LoRA on dense weights only, so check they are dense and drop the tag."""
+    packed = [name for name, module in model.named_modules() if "gguf" in type(module).__name__.lower()]
+    if packed:
+        raise RuntimeError(f"GGUF weights were left packed ({packed[:3]}...); cannot train on them")
+    model.hf_quantizer = None
+    model.__dict__.pop("is_quantized", None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def template_info(entry: ModelEntry) -> TemplateInfo:

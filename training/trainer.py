@@ -107,6 +107,7 @@ def training_arguments(config: TrainConfig, work_dir: Path, *, has_eval: bool,
         disable_tqdm=not progress,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -150,7 +151,8 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
     output = trainer.train()
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    # Only the LoRA matrices are saved: the base's embeddings are never modified (no vocabulary changes).
+    model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
     history = trainer.state.log_history
     (out_dir / "trainer_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     losses = [h["loss"] for h in history if "loss" in h]

@@ -1,0 +1,193 @@
+"""The `scalpel` command: one subcommand per stage of the journey, and `demo` for the whole loop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scalpel.errors import ScalpelError
+from scalpel.paths import enforce_offline
+
+OUTTYPES = ["f32", "f16", "bf16", "q8_0"]
+
+
+def cmd_models_list(args) -> None:
+    from scalpel import model_store
+    model_store.ensure_default()
+    for m in model_store.list_models():
+        size = Path(m.gguf).stat().st_size / 2**20
+        print(f"{m.name:32} {m.format:5} {m.architecture:8} {size:8.1f} MB  {m.source}")
+
+
+def cmd_models_add(args) -> None:
+    from scalpel import model_store, paths
+    source = Path(args.path).expanduser().resolve()
+    paths.check_name(args.name, "model")
+    if source.is_dir():
+        from conversion.architecture import read_hf_config
+        from conversion.hf_to_gguf import convert_base
+        read_hf_config(source)  # fail early on a folder that is not a model
+        template = _hf_chat_template(source)
+        out = paths.models_dir() / args.name / f"model-{args.outtype}.gguf"
+        print(f"converting {source} to {out} ({args.outtype})")
+        convert_base(source, out, outtype=args.outtype)
+        entry = model_store.register_gguf(args.name, out, source=source, fmt="hf", chat_template=template,
+                                          replace=args.replace)
+    elif source.is_file():
+        entry = model_store.register_gguf(args.name, source, replace=args.replace)
+    else:
+        raise ScalpelError(f"no such file or folder: {source}", param="path")
+    print(f"registered {entry.name} ({entry.architecture}, {entry.format}) fingerprint {entry.fingerprint[:12]}")
+
+
+def _hf_chat_template(folder: Path) -> str | None:
+    for name in ("chat_template.jinja",):
+        if (folder / name).is_file():
+            return (folder / name).read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def cmd_train(args) -> None:
+    from scalpel.pipeline import train_and_publish
+    from training.config import load_config
+    config = load_config(Path(args.config))
+    result = train_and_publish(config, Path(args.data), eval_data=Path(args.eval_data) if args.eval_data else None,
+                               model=args.model, outtype=args.outtype, max_steps=args.max_steps)
+    m = result.manifest
+    print(f"\nadapter {result.version.ref} written to {result.version.path}")
+    print(f"  final loss {m['metrics']['final_loss']:.4f}, {m['metrics']['examples']} examples, "
+          f"train {result.train_seconds:.0f} s, convert {result.convert_seconds:.2f} s, "
+          f"GGUF {m['gguf']['size_bytes'] / 2**20:.2f} MB")
+
+
+def cmd_convert_lora(args) -> None:
+    from conversion.architecture import layout_for
+    from conversion.lora_to_gguf import BASE_FINGERPRINT_KEY, convert_lora
+    from scalpel import model_store
+    metadata = {}
+    if Path(args.base).exists():
+        layout = layout_for(Path(args.base))
+    else:
+        entry = model_store.get(args.base)
+        layout, metadata = layout_for(entry.gguf_path), {BASE_FINGERPRINT_KEY: entry.fingerprint}
+    out = Path(args.out) if args.out else Path(args.adapter) / "adapter.gguf"
+    result = convert_lora(Path(args.adapter), layout, out, outtype=args.outtype, metadata=metadata)
+    print(f"wrote {result.path} ({result.n_modules} modules, rank {result.rank}, alpha {result.alpha:g}, "
+          f"{result.path.stat().st_size / 2**20:.2f} MB)")
+
+
+def cmd_convert_base(args) -> None:
+    from conversion.hf_to_gguf import convert_base
+    out = Path(args.out) if args.out else Path(args.source) / f"model-{args.outtype}.gguf"
+    result = convert_base(Path(args.source), out, outtype=args.outtype)
+    print(f"wrote {result.path} ({result.n_tensors} tensors, {result.path.stat().st_size / 2**20:.1f} MB)")
+
+
+def cmd_serve(args) -> None:
+    from serving.server import serve
+    from serving.settings import ServeSettings
+    overrides = {k: v for k, v in {"model": args.model, "host": args.host, "port": args.port,
+                                   "n_ctx": args.n_ctx, "n_threads": args.threads,
+                                   "n_gpu_layers": args.n_gpu_layers, "api_key_file": args.api_key_file,
+                                   "api_keys": args.api_key or None, "preload": args.adapter or None}.items()
+                 if v is not None}
+    serve(ServeSettings(**overrides))
+
+
+def cmd_data_check(args) -> None:
+    from training.dataset import load_examples
+    examples = load_examples(Path(args.file))
+    concepts: dict[str, int] = {}
+    for ex in examples:
+        concepts[ex.concept] = concepts.get(ex.concept, 0) + 1
+    print(f"{args.file}: {len(examples)} examples, {len(concepts)} concepts")
+    for concept, n in sorted(concepts.items(), key=lambda kv: -kv[1]):
+        print(f"  {concept:40} {n}")
+
+
+def cmd_demo(args) -> None:
+    from scalpel.demo import run_demo
+    run_demo(max_steps=args.max_steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scalpel", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="the base-model store").add_subparsers(dest="action", required=True)
+    models.add_parser("list", help="list registered bases").set_defaults(func=cmd_models_list)
+    add = models.add_parser("add", help="register a GGUF file or a Hugging Face folder as a base")
+    add.add_argument("name")
+    add.add_argument("path")
+    add.add_argument("--outtype", choices=OUTTYPES, default="f16", help="GGUF type for an HF folder")
+    add.add_argument("--replace", action="store_true", help="replace an existing entry of that name")
+    add.set_defaults(func=cmd_models_add)
+
+    train = sub.add_parser("train", help="train a LoRA from a plan-style config and publish a new version")
+    train.add_argument("config", help="training config JSON (the plan's format)")
+    train.add_argument("--data", required=True, help="JSON list, JSONL, or OpenAI chat JSONL")
+    train.add_argument("--eval-data", help="validation examples, evaluated every eval_steps")
+    train.add_argument("--model", help="base to train on instead of the config's model_name")
+    train.add_argument("--outtype", choices=OUTTYPES, default="f32", help="GGUF type of the adapter")
+    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    train.set_defaults(func=cmd_train)
+
+    convert = sub.add_parser("convert", help="GGUF conversion").add_subparsers(dest="what", required=True)
+    lora = convert.add_parser("lora", help="PEFT adapter folder -> GGUF LoRA adapter")
+    lora.add_argument("adapter")
+    lora.add_argument("--base", required=True, help="registered base name, base GGUF file, or HF folder")
+    lora.add_argument("--out")
+    lora.add_argument("--outtype", choices=OUTTYPES, default="f32")
+    lora.set_defaults(func=cmd_convert_lora)
+    base = convert.add_parser("base", help="Hugging Face Llama-family folder -> GGUF base")
+    base.add_argument("source")
+    base.add_argument("--out")
+    base.add_argument("--outtype", choices=OUTTYPES, default="f16")
+    base.set_defaults(func=cmd_convert_base)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible server (settings also from SCALPEL_* env vars)")
+    serve.add_argument("--model", help="registered base name")
+    serve.add_argument("--host", help="default 127.0.0.1")
+    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument("--n-ctx", type=int)
+    serve.add_argument("--threads", type=int)
+    serve.add_argument("--n-gpu-layers", type=int, help="-1 (default): all layers on Metal/CUDA builds")
+    serve.add_argument("--api-key", action="append", help="accepted Bearer key (repeatable)")
+    serve.add_argument("--api-key-file", help="file with one accepted key per line")
+    serve.add_argument("--adapter", action="append", help="adapter to load at start (repeatable)")
+    serve.set_defaults(func=cmd_serve)
+
+    data = sub.add_parser("data", help="knowledge files").add_subparsers(dest="action", required=True)
+    check = data.add_parser("check", help="validate a dataset and count its concepts")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_data_check)
+
+    demo = sub.add_parser("demo", help="the whole loop on the embedded default model")
+    demo.add_argument("--max-steps", type=int, help="cap training steps (for a quick look)")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    enforce_offline()
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ScalpelError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the stores are unchanged", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Start the engine and the FastAPI app under uvicorn, bound to 127.0.0.1 unless told otherwise."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from scalpel import adapter_store, model_store
+from serving.app import create_app
+from serving.engine import Engine, EngineSettings
+from serving.settings import ServeSettings
+
+
+def build(settings: ServeSettings):
+    base = model_store.get(settings.model)
+    engine = Engine(base, EngineSettings(n_ctx=settings.n_ctx, n_threads=settings.n_threads,
+                                         n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.use_mmap))
+    for name in settings.preload:
+        engine.load(adapter_store.resolve(name))
+    return engine, create_app(engine, api_keys=settings.keys())
+
+
+def serve(settings: ServeSettings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    engine, app = build(settings)
+    logging.getLogger("scalpel.serving").info("serving %s on http://%s:%d/v1", engine.base.name,
+                                              settings.host, settings.port)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    finally:
+        engine.close()
