@@ -69,18 +69,17 @@ def _load_pairs(adapter_dir: Path) -> dict[str, dict[str, np.ndarray]]:
             if "lora_magnitude_vector" in key:
                 raise ScalpelError(f"{f}: {key} is a DoRA magnitude: DoRA cannot be converted",
                                    param=key, code="unsupported_adapter")
-            if "lora_embedding" in key:
+            if "lora_embedding" in key or "embed_tokens" in key:
                 raise ScalpelError(f"{f}: {key}: LoRA on embeddings cannot be converted",
                                    param=key, code="unsupported_adapter")
+            if "lm_head" in key:
+                raise ScalpelError(f"{f}: {key}: LoRA on lm_head cannot be converted; target attention or "
+                                   "MLP projections", param=key, code="unsupported_adapter")
             match = _KEY.match(key)
             if not match:
                 raise ScalpelError(f"{f}: unexpected tensor {key!r} (only lora_A/lora_B weights can be "
                                    "converted)", param=key, code="unsupported_adapter")
-            module = match["module"]
-            if module.split(".")[-1] in ("lm_head", "embed_tokens"):
-                raise ScalpelError(f"{f}: LoRA on {module} cannot be converted; target attention or MLP "
-                                   "projections", param=key, code="unsupported_adapter")
-            pairs.setdefault(module, {})[match["side"]] = st.get_tensor(key).float().numpy()
+            pairs.setdefault(match["module"], {})[match["side"]] = st.get_tensor(key).float().numpy()
     for module, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise ScalpelError(f"{f}: {module} has lora_{''.join(pair)} but not both A and B",
