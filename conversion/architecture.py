@@ -76,7 +76,7 @@ def layout_from_gguf(path: Path) -> BaseLayout:
         raise ScalpelError(f"{path} is a GGUF {info.file_type!r}, not a base model", param=str(path))
     arch = arch_from_name(info.architecture)
     n_head = int(info.arch_value("attention.head_count", 0))
-    shapes = {name: (ne[1], ne[0]) for name, (ne, _) in info.tensors.items() if len(ne) == 2}
+    shapes = {name: (t.ne[1], t.ne[0]) for name, t in info.tensors.items() if len(t.ne) == 2}
     return BaseLayout(arch=arch, n_layers=int(info.arch_value("block_count", 0)), n_head=n_head,
                       n_head_kv=int(info.arch_value("attention.head_count_kv", n_head)),
                       shapes=shapes, source=str(path))

@@ -98,9 +98,32 @@ def _bpe_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
             tokens[added["id"]] = added["content"]
             types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(bpe_pre_type(data.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+
+
+def bpe_pre_type(pre: dict | None) -> str:
+    """llama.cpp's name for the pre-tokenizer (the regex split before BPE) that tokenizer.json describes.
+
+    Tokenization only matches transformers when this is right, so an unknown one is refused rather
+    than guessed.
+    """
+    parts = (pre or {}).get("pretokenizers", [pre] if pre else [])
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"
+    if kinds and kinds[0] == "Split":
+        pattern = parts[0].get("pattern", {}).get("Regex", "")
+        if "\\p{N}{1,3}" in pattern or "\p{N}{1,3}" in pattern:
+            return "llama-bpe"
+        if "\\p{N}|" in pattern or "\p{N}|" in pattern:
+            return "qwen2"
+    raise ScalpelError(f"tokenizer.json has a pre-tokenizer llama.cpp is not known to match ({kinds}); "
+                       "supported: GPT-2 byte-level, SmolLM, Llama 3, Qwen2", param="tokenizer.json",
+                       code="unsupported_tokenizer")
 
 
 def _sentencepiece_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
@@ -173,3 +196,16 @@ def convert_base(folder: Path, out_path: Path, *, outtype: str = "f16", progress
             writer.write_tensor_data(encode(layout.permute_rows(data, name), qtype))
         writer.close()
     return BaseConversion(path=Path(out_path), n_tensors=len(plan), n_bytes=n_bytes)
+
+
+def convert_to(folder: Path, out_path: Path, outtype: str, *, progress: bool = True) -> Path:
+    """Any output type: ours directly, llama.cpp's k-quants and q4_0 through an f16 intermediate."""
+    if outtype in OUTTYPES:
+        return convert_base(folder, out_path, outtype=outtype, progress=progress).path
+    from conversion.quantize import quantize
+    intermediate = Path(out_path).with_name(f".{Path(out_path).name}.f16")
+    try:
+        convert_base(folder, intermediate, outtype="f16", progress=progress)
+        return quantize(intermediate, Path(out_path), outtype)
+    finally:
+        intermediate.unlink(missing_ok=True)

@@ -75,7 +75,7 @@ def run_demo(max_steps: int | None = None) -> dict:
     t = time.time()
     base = model_store.ensure_default()
     timings["register base"] = time.time() - t
-    print(f"[1/5] base model {base.name}: {base.gguf} ({Path(base.gguf).stat().st_size / 2**20:.0f} MB)")
+    print(f"[1/5] base model {base.name}: {base.gguf} ({Path(base.gguf).stat().st_size / 1e6:.0f} MB)")
 
     t = time.time()
     examples = load_examples(DATA)
@@ -90,7 +90,7 @@ def run_demo(max_steps: int | None = None) -> dict:
     timings["train"] = result.train_seconds
     timings["convert to GGUF"] = result.convert_seconds
     version = result.version
-    size_mb = version.gguf.stat().st_size / 2**20
+    size_mb = version.gguf.stat().st_size / 1e6
     print(f"[4/5] adapter {version.ref}: {size_mb:.2f} MB GGUF, final loss "
           f"{result.manifest['metrics']['final_loss']:.3f}")
 

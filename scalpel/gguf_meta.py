@@ -13,11 +13,18 @@ _SKIP_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer
                 "tokenizer.ggml.scores"}
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    ne: tuple[int, ...]  # dimensions as GGUF lists them: ne[0] is the row length
+    type: str            # GGML type name: F32, F16, Q8_0, Q4_K...
+    n_bytes: int
+
+
 @dataclass
 class GGUFInfo:
     path: Path
     metadata: dict
-    tensors: dict[str, tuple[tuple[int, ...], str]]  # name -> (ne, as gguf lists it; type name)
+    tensors: dict[str, TensorInfo]
     tokens: list[str]
 
     @property
@@ -54,7 +61,8 @@ def read_gguf(path: Path, *, with_tokens: bool = True) -> GGUFInfo:
             if key in _SKIP_ARRAYS or key.startswith("GGUF."):
                 continue
             metadata[key] = field.contents()
-        tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors}
+        tensors = {t.name: TensorInfo(tuple(int(x) for x in t.shape), t.tensor_type.name, int(t.n_bytes))
+                   for t in reader.tensors}
     except ScalpelError:
         raise
     except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
