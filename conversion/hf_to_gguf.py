@@ -126,6 +126,17 @@ def bpe_pre_type(pre: dict | None) -> str:
                        code="unsupported_tokenizer")
 
 
+def _added_tokens(folder: Path) -> list[tuple[int, str, bool]]:
+    """Tokens added on top of a SentencePiece model (CodeLlama's 16 infill tokens, say), wherever
+    transformers recorded them: tokenizer.json, or the older added_tokens.json."""
+    if (folder / "tokenizer.json").is_file():
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        return [(t["id"], t["content"], bool(t.get("special"))) for t in data.get("added_tokens", [])]
+    if (folder / "added_tokens.json").is_file():
+        return [(i, text, False) for text, i in json.loads((folder / "added_tokens.json").read_text()).items()]
+    return []
+
+
 def _sentencepiece_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
     from sentencepiece import SentencePieceProcessor
 
@@ -138,11 +149,10 @@ def _sentencepiece_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int)
         types[i] = (gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
                     else gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.BYTE if sp.is_byte(i)
                     else gguf.TokenType.NORMAL)
-    added = folder / "added_tokens.json"
-    if added.is_file():
-        for text, token_id in json.loads(added.read_text(encoding="utf-8")).items():
-            if token_id < vocab_size:
-                tokens[token_id], scores[token_id], types[token_id] = text, -1000.0, gguf.TokenType.USER_DEFINED
+    for token_id, text, special in _added_tokens(folder):
+        if token_id < vocab_size and (token_id >= sp.vocab_size() or tokens[token_id] != text):
+            tokens[token_id], scores[token_id] = text, -1000.0
+            types[token_id] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)

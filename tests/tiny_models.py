@@ -45,3 +45,34 @@ def build_tiny_llama(folder: Path, *, seed: int = 0, n_head: int = 4, n_head_kv:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+def build_tiny_spm_llama(folder: Path, *, seed: int = 1, extra_tokens: int = 16, rope_theta: float = 1e6) -> Path:
+    """A CodeLlama-shaped toy: SentencePiece tokenizer with added tokens past the .model (as CodeLlama's
+    32016 = 32000 + 16), and rope theta 1e6."""
+    import shutil
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 5), model_prefix=str(folder / "sp"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    shutil.move(folder / "sp.model", folder / "tokenizer.model")
+    (folder / "sp.vocab").unlink()
+    tokenizer = LlamaTokenizer.from_pretrained(folder, legacy=True)  # as CodeLlama's tokenizer_config says
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(extra_tokens)])
+    tokenizer.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         rms_norm_eps=1e-5, rope_theta=rope_theta, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
