@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import gguf
@@ -43,9 +44,9 @@ class BaseLayout:
     def arch_name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.arch]
 
-    @property
+    @cached_property
     def name_map(self) -> gguf.TensorNameMap:
-        return gguf.get_tensor_name_map(self.arch, self.n_layers)
+        return gguf.get_tensor_name_map(self.arch, self.n_layers)  # slow to build: once per layout
 
     def gguf_name(self, hf_name: str) -> str:
         """HF module or tensor name -> GGUF tensor name (without the '.weight' suffix for modules)."""

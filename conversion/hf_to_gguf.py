@@ -8,6 +8,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -202,7 +203,8 @@ def convert_base(folder: Path, out_path: Path, *, outtype: str = "f16", progress
             if f != current:
                 handle = safe_open(str(f), framework="pt")
                 current = f
-            data = handle.get_tensor(key).float().numpy()
+            tensor = handle.get_tensor(key)
+            data = tensor.numpy() if tensor.dtype in (torch.float16, torch.float32) else tensor.float().numpy()
             writer.write_tensor_data(encode(layout.permute_rows(data, name), qtype))
         writer.close()
     return BaseConversion(path=Path(out_path), n_tensors=len(plan), n_bytes=n_bytes)

@@ -25,10 +25,10 @@ def choose_type(shape: Sequence[int], outtype: str) -> T:
 
 
 def encode(data: np.ndarray, qtype: T) -> np.ndarray:
-    data = np.ascontiguousarray(data, dtype=np.float32)
+    """f16 sources going to f16 are not widened to f32 and back: a copy-free path for the common case."""
     if qtype in _NUMPY:
-        return data.astype(_NUMPY[qtype], copy=False)
-    return quants.quantize(data, qtype)
+        return np.ascontiguousarray(data, dtype=_NUMPY[qtype])
+    return quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
 
 
 def tensor_info(shape: Sequence[int], qtype: T) -> tuple[tuple[int, ...], np.dtype, int]:
