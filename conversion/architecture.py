@@ -18,6 +18,7 @@ from scalpel.gguf_meta import read_gguf
 HF_ARCHITECTURES = {
     "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
     "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
+    "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,  # NEOX rope: no q/k permutation
 }
 PERMUTED_ARCHS = {gguf.MODEL_ARCH.LLAMA}
 

@@ -82,6 +82,17 @@ def cmd_convert_lora(args) -> None:
     result = convert_lora(Path(args.adapter), layout, out, outtype=args.outtype, metadata=metadata)
     print(f"wrote {result.path} ({result.n_modules} modules, rank {result.rank}, alpha {result.alpha:g}, "
           f"{result.path.stat().st_size / 1e6:.2f} MB)")
+    if args.verify:
+        if Path(args.base).exists():
+            raise ScalpelError("--verify needs a registered base (scalpel models add), so that both its "
+                               "PyTorch weights and its GGUF are known", param="base")
+        from conversion.verify import verify
+        from training.base_model import load_model, load_tokenizer
+        report = verify(load_model(entry), load_tokenizer(entry), entry.gguf_path, peft_dir=Path(args.adapter),
+                        adapter_gguf=out)
+        _print_verify(report, False)
+        if not report.passed:
+            raise ScalpelError(f"verification failed: {report.criterion} not met", code="verify_failed")
 
 
 def cmd_convert_base(args) -> None:
@@ -251,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--base", required=True, help="registered base name, base GGUF file, or HF folder")
     lora.add_argument("--out")
     lora.add_argument("--outtype", choices=OUTTYPES, default="f32")
+    lora.add_argument("--verify", action="store_true", help="compare with PEFT in PyTorch afterwards")
     lora.set_defaults(func=cmd_convert_lora)
     base = convert.add_parser("base", help="Hugging Face Llama-family folder -> GGUF base")
     base.add_argument("source")

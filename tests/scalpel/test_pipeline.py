@@ -85,3 +85,11 @@ def test_cli_names_the_bad_field_and_line(registered, home, capsys):
     bad_data.write_text('{"instruction": "a", "output": "b"}\nnot json\n')
     assert main(["train", str(good_config), "--data", str(bad_data)]) == 2
     assert f"{bad_data}:2" in capsys.readouterr().err
+
+
+def test_convert_lora_cli_verifies_against_pytorch(registered, home, capsys):
+    result = train_and_publish(parse_config(tiny_config()), registered, progress=False)
+    out = home / "again.gguf"
+    assert main(["convert", "lora", str(result.version.path), "--base", "tiny", "--out", str(out), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "ALL_F32 + adapter" in printed and "PASS" in printed and out.is_file()
