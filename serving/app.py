@@ -1,7 +1,8 @@
-"""The FastAPI app: OpenAI's chat and model routes plus the plan's adapter routes, all errors in OpenAI's shape."""
+"""The FastAPI app: OpenAI's chat, completion and model routes plus the plan's adapter routes, errors in OpenAI's shape."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import queue
@@ -9,20 +10,23 @@ import secrets
 import threading
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scalpel import adapter_store
 from scalpel.errors import NotFoundError, ScalpelError
-from serving.engine import AdapterSet, Engine, GenerationParams
-from serving.schemas import ChatCompletionRequest, LoadAdapterRequest
+from serving.engine import AdapterSet, Engine, GenerationParams, Piece
+from serving.metrics import Metrics
+from serving.queue import Ticket
+from serving.schemas import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, SamplingFields
 
 log = logging.getLogger("scalpel.serving")
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def _error(status: int, message: str, *, type_: str = "invalid_request_error", param=None, code=None):
@@ -38,15 +42,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError):
         first = exc.errors()[0]
-        loc = [str(p) for p in first["loc"] if p != "body"]
-        param = ".".join(loc) or None
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
                             for e in exc.errors())
         return _error(400, message, param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 401: "invalid_api_key"}.get(exc.status_code)
+        code = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+                413: "request_too_large"}.get(exc.status_code)
         type_ = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
         return _error(exc.status_code, str(exc.detail), type_=type_, code=code)
 
@@ -56,29 +60,70 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error: {type(exc).__name__}", type_="server_error")
 
 
-def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozenset()) -> FastAPI:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozenset(), host: str = "127.0.0.1",
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """`host` is where the server listens: beyond loopback, the admin routes always need a key."""
     app = FastAPI(title="scalpel", version="0.1.0")
     _install_error_handlers(app)
+    metrics = Metrics(engine)
     started = int(time.time())
+    default_scales: dict[str, float] = {}  # adapter name -> scale set by /api/adapters/{name}/load
 
-    def require_key(request: Request) -> None:
+    @app.middleware("http")
+    async def limits_and_logs(request: Request, call_next):
+        begun = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_body_bytes:
+            response = _error(413, f"request body of {length} bytes exceeds the limit of {max_body_bytes}",
+                              code="request_too_large")
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        seconds = time.perf_counter() - begun
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(seconds)
+        log.info(json.dumps({"event": "request", "method": request.method, "path": request.url.path,
+                             "status": response.status_code, "ms": round(seconds * 1000, 1)}))
+        return response
+
+    def check_key(request: Request, *, admin: bool) -> None:
         if not api_keys:
+            if admin and not is_loopback(host):
+                raise StarletteHTTPException(401, f"the admin routes need an API key when the server listens on "
+                                                  f"{host}: start it with --api-key or SCALPEL_API_KEYS")
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not any(secrets.compare_digest(token, k) for k in api_keys):
             raise StarletteHTTPException(401, "missing or invalid API key: send 'Authorization: Bearer <key>'")
 
-    guarded = [Depends(require_key)]
+    def client_key(request: Request) -> None:
+        check_key(request, admin=False)
+
+    def admin_key(request: Request) -> None:
+        check_key(request, admin=True)
+
+    guarded, admin = [Depends(client_key)], [Depends(admin_key)]
 
     def adapter_set(model: str, extra: list | None) -> AdapterSet:
         """The request's `model` (base, adapter, or adapter@vN) plus any stacked `adapters`."""
         chosen: list[tuple[str, float]] = []
         if model != engine.base.name:
-            if "@" not in model and model not in adapter_store.list_adapters():
+            name = model.split("@")[0]
+            if name not in adapter_store.list_adapters():
                 raise NotFoundError(f"the model {model!r} does not exist: use {engine.base.name!r} or one of "
                                     f"the adapters {adapter_store.list_adapters()}", param="model",
                                     code="model_not_found")
-            chosen.append((engine.load(adapter_store.resolve(model)), 1.0))
+            chosen.append((engine.load(adapter_store.resolve(model)), default_scales.get(name, 1.0)))
         for choice in extra or []:
             chosen.append((engine.load(adapter_store.resolve(choice.name)), choice.scale))
         return tuple(chosen)
@@ -94,9 +139,45 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
             cards.extend(model_card(f"{name}@{v}", "scalpel-adapter") for v in adapter_store.versions(root))
         return cards
 
+    async def prepare(body: SamplingFields, tokens: list[int], params: GenerationParams) -> tuple[AdapterSet, Ticket]:
+        adapters = await anyio.to_thread.run_sync(adapter_set, body.model, body.adapters)
+        engine.check_fits(len(tokens), params.max_tokens)
+        return adapters, engine.queue.reserve()  # 429 now, before any response starts
+
+    async def respond(body: SamplingFields, tokens: list[int], params: GenerationParams,
+                      shape: Callable[[Piece, bool], dict], whole: Callable[[str, list, str, dict], dict]):
+        adapters, ticket = await prepare(body, tokens, params)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(engine, metrics, tokens, adapters, params, ticket, shape, include_usage),
+                                     media_type="text/event-stream")
+        cancelled = threading.Event()
+
+        def run() -> tuple[str, list, str, dict]:
+            text, logprobs, finish, usage = "", [], "stop", {}
+            for piece in engine.generate(tokens, adapters, params, ticket=ticket, cancelled=cancelled):
+                text += piece.text
+                logprobs += piece.logprobs
+                if piece.finish_reason:
+                    finish, usage = piece.finish_reason, piece.usage
+            return text, logprobs, finish, usage
+
+        try:
+            text, logprobs, finish, usage = await anyio.to_thread.run_sync(run)
+        finally:
+            cancelled.set()
+            engine.queue.release(ticket)
+        metrics.count_usage(usage)
+        return whole(text, logprobs, finish, usage)
+
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": engine.base.name, "loaded_adapters": engine.loaded()}
+        return {"status": "ok", "model": engine.base.name, "loaded_adapters": engine.loaded(),
+                "queue_depth": engine.queue.depth}
+
+    @app.get("/metrics", dependencies=guarded)
+    def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", dependencies=guarded)
     def list_models():
@@ -111,55 +192,89 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest):
-        adapters = await anyio.to_thread.run_sync(adapter_set, body.model, body.adapters)
         tokens = engine.chat_tokens([m.as_template_message() for m in body.messages])
         params = GenerationParams(max_tokens=body.max_completion_tokens or body.max_tokens,
-                                  temperature=body.temperature, top_p=body.top_p, stop=body.stop,
-                                  seed=body.seed, presence_penalty=body.presence_penalty,
-                                  frequency_penalty=body.frequency_penalty)
-        engine.check_fits(len(tokens), params.max_tokens)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _sse(engine, tokens, adapters, params, completion_id, created, body.model, include_usage),
-                media_type="text/event-stream")
+                                  temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
+                                  presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                                  logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0,
+                                  json_object=bool(body.response_format and body.response_format.type == "json_object"))
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        envelope = {"id": completion_id, "created": created, "model": body.model}
+        first = [True]
 
-        def run() -> tuple[str, str, dict]:
-            text, finish, usage = "", "stop", {}
-            for chunk in engine.generate(tokens, adapters, params):
-                text += chunk["choices"][0]["text"]
-                if chunk["choices"][0].get("finish_reason"):
-                    finish, usage = chunk["choices"][0]["finish_reason"], chunk["usage"]
-            return text, finish, usage
+        def shape(piece: Piece, final: bool) -> dict:
+            delta = {"role": "assistant", "content": piece.text} if first[0] else {"content": piece.text}
+            first[0] = False
+            logprobs = {"content": piece.logprobs} if body.logprobs else None
+            return {**envelope, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta if piece.text or delta.get("role") else {},
+                                 "logprobs": logprobs, "finish_reason": piece.finish_reason}]}
 
-        text, finish, usage = await anyio.to_thread.run_sync(run)
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": finish}],
-                "usage": usage}
+        def whole(text: str, logprobs: list, finish: str, usage: dict) -> dict:
+            return {**envelope, "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": {"content": logprobs} if body.logprobs else None,
+                                 "finish_reason": finish}], "usage": usage}
 
-    @app.get("/api/adapters", dependencies=guarded)
-    def list_adapters():
+        return await respond(body, tokens, params, shape, whole)
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest):
+        tokens = engine.text_tokens(body.prompt)
+        params = GenerationParams(max_tokens=body.max_tokens or 16, temperature=body.temperature, top_p=body.top_p,
+                                  stop=body.stop, seed=body.seed, presence_penalty=body.presence_penalty,
+                                  frequency_penalty=body.frequency_penalty, logprobs=body.logprobs is not None,
+                                  top_logprobs=body.logprobs or 0)
+        envelope = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                    "model": body.model}
+
+        def legacy_logprobs(entries: list) -> dict | None:
+            if body.logprobs is None:
+                return None
+            return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                    "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                    "text_offset": []}
+
+        def shape(piece: Piece, final: bool) -> dict:
+            return {**envelope, "choices": [{"index": 0, "text": piece.text, "logprobs": legacy_logprobs(piece.logprobs),
+                                             "finish_reason": piece.finish_reason}]}
+
+        def whole(text: str, logprobs: list, finish: str, usage: dict) -> dict:
+            return {**envelope, "choices": [{"index": 0, "text": text, "logprobs": legacy_logprobs(logprobs),
+                                             "finish_reason": finish}], "usage": usage}
+
+        return await respond(body, tokens, params, shape, whole)
+
+    def adapter_info(name: str) -> dict:
+        root = adapter_store.root_for_name(name)
+        if name not in adapter_store.list_adapters():
+            raise NotFoundError(f"adapter {name!r} is not in the store", param="name", code="adapter_not_found")
+        active = adapter_store.active_version(root)
         loaded = set(engine.loaded())
-        items = []
-        for name in adapter_store.list_adapters():
-            root = adapter_store.root_for_name(name)
-            active = adapter_store.active_version(root)
-            items.append({"name": name, "active_version": active, "versions": adapter_store.versions(root),
-                          "loaded": f"{name}@{active}" in loaded})
-        return {"object": "list", "data": items}
+        return {"name": name, "active_version": active, "versions": adapter_store.versions(root),
+                "loaded_versions": sorted(r.split("@")[1] for r in loaded if r.split("@")[0] == name),
+                "scale": default_scales.get(name, 1.0)}
 
-    @app.post("/api/adapters/{name}/load", dependencies=guarded)
+    @app.get("/api/adapters", dependencies=admin)
+    def list_adapters():
+        return {"object": "list", "data": [adapter_info(n) for n in adapter_store.list_adapters()]}
+
+    @app.get("/api/adapters/{name}", dependencies=admin)
+    def get_adapter(name: str):
+        info = adapter_info(name)
+        info["manifest"] = adapter_store.resolve(name).manifest
+        return info
+
+    @app.post("/api/adapters/{name}/load", dependencies=admin)
     async def load_adapter(name: str, body: LoadAdapterRequest | None = None):
-        ref = name if not (body and body.version) else f"{name}@{body.version}"
-        version = adapter_store.resolve(ref)
+        body = body or LoadAdapterRequest()
+        version = adapter_store.resolve(name if not body.version else f"{name}@{body.version}")
         loaded_ref = await anyio.to_thread.run_sync(engine.load, version)
-        return {"name": name, "version": version.version, "ref": loaded_ref, "loaded": True,
+        default_scales[name] = body.scale
+        return {"name": name, "version": version.version, "ref": loaded_ref, "loaded": True, "scale": body.scale,
                 "size_bytes": version.gguf.stat().st_size}
 
-    @app.post("/api/adapters/{name}/unload", dependencies=guarded)
+    @app.post("/api/adapters/{name}/unload", dependencies=admin)
     async def unload_adapter(name: str, body: LoadAdapterRequest | None = None):
         refs = [r for r in engine.loaded() if r.split("@")[0] == name
                 and (not (body and body.version) or r.endswith(f"@{body.version}"))]
@@ -172,49 +287,44 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
     return app
 
 
-async def _sse(engine: Engine, tokens: list[int], adapters: AdapterSet, params: GenerationParams,
-               completion_id: str, created: int, model: str, include_usage: bool) -> AsyncIterator[str]:
-    """Generate in a worker thread and relay OpenAI chat.completion.chunk events; a disconnect cancels."""
-    chunks: queue.Queue = queue.Queue()
+async def _sse(engine: Engine, metrics: Metrics, tokens: list[int], adapters: AdapterSet, params: GenerationParams,
+               ticket: Ticket, shape: Callable[[Piece, bool], dict], include_usage: bool) -> AsyncIterator[str]:
+    """Generate in a worker thread and relay chunks as server-sent events; a client that leaves cancels."""
+    pieces: queue.Queue = queue.Queue()
     cancelled = threading.Event()
+    begun = time.perf_counter()
 
     def work() -> None:
         try:
-            for chunk in engine.generate(tokens, adapters, params, cancelled):
-                chunks.put(chunk)
+            for piece in engine.generate(tokens, adapters, params, ticket=ticket, cancelled=cancelled):
+                pieces.put(piece)
         except Exception as exc:  # reported to the client as an error event
-            chunks.put(exc)
+            pieces.put(exc)
         finally:
-            chunks.put(None)
+            pieces.put(None)
 
-    threading.Thread(target=work, name=f"generate-{completion_id}", daemon=True).start()
-
-    def event(delta: dict, finish: str | None, usage: dict | None = None, choices: bool = True) -> str:
-        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-                   if choices else []}
-        if usage is not None:
-            payload["usage"] = usage
-        return f"data: {json.dumps(payload)}\n\n"
-
+    threading.Thread(target=work, daemon=True).start()
+    first = True
     try:
-        yield event({"role": "assistant", "content": ""}, None)
         while True:
-            chunk = await anyio.to_thread.run_sync(chunks.get)
-            if chunk is None:
+            piece = await anyio.to_thread.run_sync(pieces.get)
+            if piece is None:
                 break
-            if isinstance(chunk, Exception):
-                err = chunk.to_openai() if isinstance(chunk, ScalpelError) else \
+            if isinstance(piece, Exception):
+                err = piece.to_openai() if isinstance(piece, ScalpelError) else \
                     {"error": {"message": "generation failed", "type": "server_error", "param": None, "code": None}}
                 yield f"data: {json.dumps(err)}\n\n"
                 break
-            choice = chunk["choices"][0]
-            if choice["text"]:
-                yield event({"content": choice["text"]}, None)
-            if choice.get("finish_reason"):
-                yield event({}, choice["finish_reason"])
+            if first:
+                metrics.first_token.observe(time.perf_counter() - begun)
+                first = False
+            chunk = shape(piece, piece.finish_reason is not None)
+            yield f"data: {json.dumps(chunk)}\n\n"
+            if piece.finish_reason:
+                metrics.count_usage(piece.usage)
                 if include_usage:
-                    yield event({}, None, usage=chunk["usage"], choices=False)
+                    yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': piece.usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         cancelled.set()
+        engine.queue.release(ticket)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import codecs
 import ctypes
+import random
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import llama_cpp
+import numpy as np
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from conversion.lora_to_gguf import BASE_FINGERPRINT_KEY
 from scalpel import adapter_store, chat
 from scalpel.errors import ConflictError, ScalpelError
 from scalpel.gguf_meta import read_gguf
 from scalpel.model_store import ModelEntry
+from serving.queue import Cancelled, FairQueue, Ticket
 
 
 
@@ -23,6 +28,7 @@ class EngineSettings:
     n_threads: int | None = None
     n_gpu_layers: int = -1  # all layers on Metal/CUDA builds; ignored by a CPU build
     use_mmap: bool = True
+    max_waiting: int = 16   # requests that may wait for their turn; more get 429
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,18 @@ class GenerationParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    json_object: bool = False
+
+
+@dataclass
+class Piece:
+    """Newly released completion text, with its tokens' log-probabilities when asked for."""
+    text: str
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict | None = None
 
 
 AdapterSet = tuple[tuple[str, float], ...]  # ((adapter ref "name@vN", scale), ...)
@@ -48,9 +66,12 @@ class Engine:
         self.llm = llama_cpp.Llama(model_path=base.gguf, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
                                    n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.use_mmap,
                                    verbose=False)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the llama.cpp model and context: one user at a time
+        self.queue = FairQueue(settings.max_waiting)
         self._loaded: dict[str, ctypes.c_void_p] = {}  # adapter ref -> llama_adapter_lora pointer
         self._applied: AdapterSet = ()
+        self.adapter_switches = 0
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
 
     # --- adapters -------------------------------------------------------------------------------
     def loaded(self) -> list[str]:
@@ -97,6 +118,7 @@ class Engine:
         # The KV cache was computed with other weights: never let a prefix match reuse it.
         self.llm.reset()
         self._applied = adapters
+        self.adapter_switches += 1
 
     # --- generation -----------------------------------------------------------------------------
     def chat_tokens(self, messages: list[dict]) -> list[int]:
@@ -114,42 +136,102 @@ class Engine:
         room = n_ctx - n_prompt
         return room if max_tokens is None else min(max_tokens, room)
 
-    def generate(self, tokens: list[int], adapters: AdapterSet, params: GenerationParams,
-                 cancelled: threading.Event | None = None) -> Iterator[dict]:
-        """Stream llama-cpp-python completion chunks; the lock is held until the generator finishes.
+    def text_tokens(self, text: str) -> list[int]:
+        """A raw completion prompt: tokenized as is, with the model's BOS rule."""
+        add_bos = chat.needs_bos(text, add_bos=self.base.add_bos, bos_token=self.base.bos_token)
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-        The last chunk gets a "usage" entry: llama.cpp samples once per completion token, plus
-        once for the end-of-generation token that a "stop" finish does not count.
+    def generate(self, tokens: list[int], adapters: AdapterSet, params: GenerationParams, *,
+                 ticket: Ticket | None = None, cancelled: threading.Event | None = None) -> Iterator[Piece]:
+        """Decode token by token with llama.cpp's sampler, releasing text as it becomes final.
+
+        Text that could still turn into a stop sequence is held back; the last Piece carries the
+        finish_reason and exact usage (every sampled token but an end-of-generation one).
         """
         max_tokens = self.check_fits(len(tokens), params.max_tokens)
-        sampled = 0
+        ticket = ticket or self.queue.reserve()
+        try:
+            with self.queue.turn(ticket, cancelled), self._lock:
+                self._set_adapters(adapters)
+                yield from self._decode(tokens, params, max_tokens, cancelled)
+        except Cancelled:
+            return
 
-        def count_steps(_input_ids, logits):
-            nonlocal sampled
-            sampled += 1
+    def _decode(self, prompt: list[int], params: GenerationParams, max_tokens: int,
+                cancelled: threading.Event | None) -> Iterator[Piece]:
+        llm = self.llm
+        llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
+        step_logits: list[np.ndarray] = []
+
+        def keep_logits(_input_ids, logits):
+            step_logits.append(np.array(logits, dtype=np.float32))
             return logits
 
-        with self._lock:
-            self._set_adapters(adapters)
-            stream = self.llm.create_completion(
-                prompt=tokens, max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
-                min_p=0.0, top_k=0, repeat_penalty=1.0, stop=params.stop or [], seed=params.seed,
-                presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-                logits_processor=llama_cpp.LogitsProcessorList([count_steps]), stream=True)
-            try:
-                for chunk in stream:
-                    finish = chunk["choices"][0].get("finish_reason")
-                    if finish is not None:
-                        completion = sampled if finish == "length" else max(sampled - 1, 0)
-                        chunk["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": completion,
-                                          "total_tokens": len(tokens) + completion}
-                    yield chunk
-                    if cancelled is not None and cancelled.is_set():
-                        break
-            finally:
-                stream.close()
+        stops = params.stop or []
+        holdback = max((len(s) for s in stops), default=1) - 1
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, released = "", 0
+        completion: list[int] = []
+        pending: list[tuple[int, dict]] = []  # (end offset in text, logprob entry) not yet released
+        finish, cut_at_stop = "length", False
+        grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False) if params.json_object else None
+        generator = llm.generate(prompt, top_k=0, top_p=params.top_p, min_p=0.0, temp=params.temperature,
+                                 repeat_penalty=1.0, frequency_penalty=params.frequency_penalty,
+                                 presence_penalty=params.presence_penalty, grammar=grammar,
+                                 logits_processor=llama_cpp.LogitsProcessorList([keep_logits])
+                                 if params.logprobs else None)
+        try:
+            for token in generator:
+                if llama_cpp.llama_token_is_eog(self._vocab, token):
+                    finish = "stop"
+                    break
+                piece = llm.detokenize([token], prev_tokens=prompt + completion)
+                completion.append(token)
+                text += decoder.decode(piece)
+                if params.logprobs:
+                    pending.append((len(text), self._logprob_entry(token, piece, step_logits[-1],
+                                                                   params.top_logprobs)))
+                cut = min((i for i in (text.find(s, max(released - holdback, 0)) for s in stops) if i >= 0),
+                          default=-1)
+                if cut >= 0:
+                    text, finish, cut_at_stop = text[:cut], "stop", True
+                    break
+                if len(completion) >= max_tokens:
+                    break
+                safe = len(text) - holdback if stops else len(text)
+                if safe > released:
+                    yield self._release(text, released, safe, pending)
+                    released = safe
+                if cancelled is not None and cancelled.is_set():
+                    return
+        finally:
+            generator.close()
+        if not cut_at_stop:
+            text += decoder.decode(b"", final=True)
+        last = self._release(text, released, len(text), pending)
+        last.finish_reason = finish
+        last.usage = {"prompt_tokens": len(prompt), "completion_tokens": len(completion),
+                      "total_tokens": len(prompt) + len(completion)}
+        yield last
+
+    @staticmethod
+    def _release(text: str, start: int, end: int, pending: list[tuple[int, dict]]) -> Piece:
+        ready = [entry for offset, entry in pending if offset <= end]
+        del pending[:len(ready)]
+        return Piece(text=text[start:end], logprobs=ready)
+
+    def _logprob_entry(self, token: int, piece: bytes, logits: np.ndarray, top: int) -> dict:
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        best = np.argsort(-logprobs)[:top] if top else []
+        as_text = lambda t: self.llm.detokenize([int(t)]).decode("utf-8", errors="replace")  # noqa: E731
+        return {"token": piece.decode("utf-8", errors="replace"), "logprob": float(logprobs[token]),
+                "bytes": list(piece),
+                "top_logprobs": [{"token": as_text(t), "logprob": float(logprobs[t]),
+                                  "bytes": list(self.llm.detokenize([int(t)]))} for t in best]}
 
     def close(self) -> None:
+        self.queue.close()
         with self._lock:
             self._set_adapters(())
             for pointer in self._loaded.values():

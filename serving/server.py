@@ -15,10 +15,12 @@ from serving.settings import ServeSettings
 def build(settings: ServeSettings):
     base = model_store.get(settings.model)
     engine = Engine(base, EngineSettings(n_ctx=settings.n_ctx, n_threads=settings.n_threads,
-                                         n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.use_mmap))
+                                         n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.use_mmap,
+                                         max_waiting=settings.max_waiting))
     for name in settings.preload:
         engine.load(adapter_store.resolve(name))
-    return engine, create_app(engine, api_keys=settings.keys())
+    return engine, create_app(engine, api_keys=settings.keys(), host=settings.host,
+                              max_body_bytes=settings.max_body_bytes)
 
 
 def serve(settings: ServeSettings) -> None:

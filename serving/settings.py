@@ -23,6 +23,8 @@ class ServeSettings(BaseSettings):
     n_gpu_layers: int = -1
     use_mmap: bool = True
     preload: list[str] = Field(default_factory=list)
+    max_waiting: int = Field(16, ge=0)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
 
     def keys(self) -> set[str]:
         keys = set(self.api_keys)

@@ -71,7 +71,7 @@ def test_switching_adapters_never_reuses_the_cache(tiny_home):
     params = GenerationParams(max_tokens=12, temperature=0)
 
     def answer(engine, adapters):
-        return "".join(c["choices"][0]["text"] for c in engine.generate(tokens, adapters, params))
+        return "".join(piece.text for piece in engine.generate(tokens, adapters, params))
 
     fresh = Engine(model_store.get("tiny"))
     tokens = fresh.chat_tokens([{"role": "user", "content": "hi"}])

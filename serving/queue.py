@@ -1,0 +1,76 @@
+"""First-come, first-served admission to the one llama.cpp context, with a bounded waiting line (429 beyond it)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import deque
+from typing import Iterator
+
+from scalpel.errors import ScalpelError
+
+
+class QueueFull(ScalpelError):
+    status = 429
+    type = "rate_limit_error"
+
+
+class ShuttingDown(ScalpelError):
+    status = 503
+    type = "server_error"
+
+
+class Cancelled(Exception):
+    """The client went away while its request was still waiting."""
+
+
+class Ticket:
+    __slots__ = ()
+
+
+class FairQueue:
+    def __init__(self, max_waiting: int = 16):
+        self.max_waiting = max_waiting
+        self._cond = threading.Condition()
+        self._line: deque[Ticket] = deque()
+        self._closed = False
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting or running."""
+        return len(self._line)
+
+    def reserve(self) -> Ticket:
+        """Take a place in line now, so a full line is refused before any response has started."""
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down", code="shutting_down")
+            if len(self._line) > self.max_waiting:
+                raise QueueFull(f"{len(self._line) - 1} requests are already waiting (limit {self.max_waiting}); "
+                                "retry later", code="queue_full")
+            ticket = Ticket()
+            self._line.append(ticket)
+            return ticket
+
+    @contextlib.contextmanager
+    def turn(self, ticket: Ticket, cancelled: threading.Event | None = None) -> Iterator[None]:
+        """Wait until `ticket` is first in line; hold the turn for the block."""
+        try:
+            with self._cond:
+                while self._line[0] is not ticket:
+                    if cancelled is not None and cancelled.is_set():
+                        raise Cancelled()
+                    self._cond.wait(timeout=0.1)
+            yield
+        finally:
+            self.release(ticket)
+
+    def release(self, ticket: Ticket) -> None:
+        with self._cond:
+            if ticket in self._line:
+                self._line.remove(ticket)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
