@@ -69,6 +69,7 @@ class Engine:
         self._lock = threading.Lock()  # the llama.cpp model and context: one user at a time
         self.queue = FairQueue(settings.max_waiting)
         self._loaded: dict[str, ctypes.c_void_p] = {}  # adapter ref -> llama_adapter_lora pointer
+        self._versions: dict[str, adapter_store.AdapterVersion] = {}  # every ref ever loaded, to reload
         self._applied: AdapterSet = ()
         self.adapter_switches = 0
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -90,12 +91,18 @@ class Engine:
             raise ConflictError(f"{version.ref} was converted for another base model than {self.base.name!r}",
                                 param="model", code="base_mismatch")
         with self._lock:
-            pointer = llama_cpp.llama_adapter_lora_init(self.llm.model, str(version.gguf).encode())
-            if not pointer:
-                raise ScalpelError(f"llama.cpp could not load {version.ref}", param="model",
-                                   code="invalid_adapter")
-            self._loaded[version.ref] = pointer
+            self._init_adapter(version)
         return version.ref
+
+    def _init_adapter(self, version: adapter_store.AdapterVersion) -> None:
+        """Called with the lock held."""
+        if version.ref in self._loaded:
+            return
+        pointer = llama_cpp.llama_adapter_lora_init(self.llm.model, str(version.gguf).encode())
+        if not pointer:
+            raise ScalpelError(f"llama.cpp could not load {version.ref}", param="model", code="invalid_adapter")
+        self._loaded[version.ref] = pointer
+        self._versions[version.ref] = version
 
     def unload(self, ref: str) -> None:
         with self._lock:
@@ -110,6 +117,8 @@ class Engine:
         """Apply an adapter set to the context. Called with the lock held."""
         if adapters == self._applied:
             return
+        for ref, _ in adapters:  # unloaded after this request chose it: the request still gets it
+            self._init_adapter(self._versions[ref])
         n = len(adapters)
         pointers = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[self._loaded[r] for r, _ in adapters])
         scales = (ctypes.c_float * max(n, 1))(*[s for _, s in adapters])

@@ -91,3 +91,199 @@ def test_switching_adapters_never_reuses_the_cache(tiny_home):
         assert answer(shared, ()) == base_alone
         assert answer(shared, ((ref, 1.0),)) == adapter_alone
     shared.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with BackgroundServer(create_app(engine)) as server:
+        yield server
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+def test_completions_whole_and_streamed(client):
+    whole = client.completions.create(model="tiny", prompt="42 means", max_tokens=8, temperature=0)
+    assert whole.object == "text_completion" and whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage.prompt_tokens > 0 and whole.usage.completion_tokens <= 8
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="42 means", max_tokens=8, temperature=0, stream=True))
+    assert streamed == whole.choices[0].text
+
+
+def test_max_tokens_gives_length_and_exact_usage(client):
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=3, temperature=0)
+    if reply.choices[0].finish_reason == "length":
+        assert reply.usage.completion_tokens == 3
+
+
+def test_logprobs_are_returned_per_token(client):
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                           temperature=0, logprobs=True, top_logprobs=3)
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == reply.usage.completion_tokens
+    assert "".join(e.token for e in entries) == reply.choices[0].message.content
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        assert e.top_logprobs[0].logprob >= e.logprob - 1e-6  # greedy: the chosen token is the best
+
+
+def test_json_object_response_format_parses(client):
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "json please"}],
+                                           max_tokens=40, temperature=0.7, seed=1,
+                                           response_format={"type": "json_object"})
+    text = reply.choices[0].message.content
+    if reply.choices[0].finish_reason == "stop":
+        json.loads(text)
+    else:
+        assert text.lstrip().startswith(("{", "["))
+
+
+def test_stop_sequences_are_cut_and_never_streamed(client):
+    whole = client.completions.create(model="tiny", prompt="FOR TWO", max_tokens=12, temperature=0)
+    text = whole.choices[0].text
+    if len(text) > 4:
+        stop = text[2:4]
+        cut = client.completions.create(model="tiny", prompt="FOR TWO", max_tokens=12, temperature=0, stop=[stop])
+        assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="tiny", prompt="FOR TWO", max_tokens=12, temperature=0, stop=[stop], stream=True))
+        assert streamed == cut.choices[0].text
+
+
+def test_seeded_sampling_is_reproducible(client):
+    def ask():
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=8, temperature=1.0, seed=1234).choices[0].message.content
+    assert ask() == ask()
+
+
+def test_async_client_and_concurrent_requests_queue_fairly(server):
+    import asyncio
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        jobs = [client.chat.completions.create(model="tiny" if i % 2 else "tiny_a", max_tokens=6, temperature=0,
+                                               messages=[{"role": "user", "content": "hi"}]) for i in range(6)]
+        return await asyncio.gather(*jobs)
+
+    replies = asyncio.run(main())
+    by_model = {}
+    for r in replies:
+        by_model.setdefault(r.model, set()).add(r.choices[0].message.content)
+    assert all(len(answers) == 1 for answers in by_model.values())  # same model, same answer, whatever the order
+
+
+def test_full_queue_answers_429(tiny_home):
+    from serving.engine import EngineSettings
+    engine = Engine(model_store.get("tiny"), EngineSettings(max_waiting=0))
+    try:
+        with BackgroundServer(create_app(engine)) as server:
+            held = engine.queue.reserve()  # someone is being served
+            try:
+                reply = httpx.post(f"{server.base_url}/chat/completions",
+                                   json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+                assert reply.status_code == 429 and reply.json()["error"]["code"] == "queue_full"
+                with pytest.raises(openai.RateLimitError):
+                    openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0).chat.completions.create(
+                        model="tiny", messages=[{"role": "user", "content": "x"}])
+            finally:
+                engine.queue.release(held)
+            ok = httpx.post(f"{server.base_url}/chat/completions",
+                            json={"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]})
+            assert ok.status_code == 200
+    finally:
+        engine.close()
+
+
+def test_body_limit_and_admin_routes_beyond_loopback(engine):
+    with BackgroundServer(create_app(engine, host="0.0.0.0", max_body_bytes=2048)) as server:
+        root = server.base_url.removesuffix("/v1")
+        big = httpx.post(f"{server.base_url}/chat/completions",
+                         json={"model": "tiny", "messages": [{"role": "user", "content": "x" * 5000}]})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+        assert httpx.get(f"{root}/api/adapters").status_code == 401  # no key configured, not loopback
+        assert httpx.get(f"{server.base_url}/models").status_code == 200  # client routes stay open without keys
+
+
+def test_metrics_count_requests_tokens_and_queue(server, client):
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    text = httpx.get(f"{server.base_url.removesuffix('/v1')}/metrics").text
+    assert 'scalpel_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'scalpel_tokens_total{kind="completion"}' in text
+    for name in ("scalpel_queue_depth", "scalpel_loaded_adapters", "scalpel_adapter_switches",
+                 "scalpel_request_seconds_bucket", "process_resident_memory_bytes"):
+        assert name in text
+
+
+def test_adapter_routes(server, client, tiny_home):
+    root = server.base_url.removesuffix("/v1")
+    info = httpx.get(f"{root}/api/adapters/tiny_a").json()
+    assert info["active_version"] == "v1" and info["manifest"]["base"]["name"] == "tiny"
+    assert httpx.get(f"{root}/api/adapters/nope").status_code == 404
+    full = client.chat.completions.create(model="tiny_a", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=6, temperature=0).choices[0].message.content
+    loaded = httpx.post(f"{root}/api/adapters/tiny_a/load", json={"scale": 0.0}).json()
+    assert loaded["scale"] == 0.0
+    off = client.chat.completions.create(model="tiny_a", messages=[{"role": "user", "content": "hi"}],
+                                         max_tokens=6, temperature=0).choices[0].message.content
+    base = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=6, temperature=0).choices[0].message.content
+    assert off == base != full  # scale 0 is the bare base
+    stacked = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                             temperature=0, extra_body={"adapters": [{"name": "tiny_a", "scale": 1.0}]})
+    assert stacked.choices[0].message.content == full
+    httpx.post(f"{root}/api/adapters/tiny_a/load", json={"scale": 1.0})
+    assert httpx.post(f"{root}/api/adapters/tiny_a/unload").json()["unloaded"] == ["tiny_a@v1"]
+    assert httpx.post(f"{root}/api/adapters/tiny_a/unload").status_code == 404
+
+
+def test_corrupt_or_foreign_adapter_is_refused_and_serving_goes_on(server, client, tiny_home):
+    import shutil
+    from scalpel import adapter_store
+    good = adapter_store.resolve("tiny_a")
+    broken = tiny_home / "adapters" / "broken" / "v1"
+    shutil.copytree(good.path, broken)
+    (broken.parent / "active.json").write_text('{"version": "v1"}')
+    (broken / "adapter.gguf").write_bytes(good.gguf.read_bytes()[:500])
+    reply = httpx.post(f"{server.base_url.removesuffix('/v1')}/api/adapters/broken/load")
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_gguf"
+    assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_hot_load_and_unload_under_concurrent_requests(server, client):
+    from concurrent.futures import ThreadPoolExecutor
+    root = server.base_url.removesuffix("/v1")
+
+    def ask(model):
+        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=6, temperature=0).choices[0].message.content
+
+    expected = {"tiny": ask("tiny"), "tiny_a": ask("tiny_a")}
+    with ThreadPoolExecutor(4) as pool:
+        asks = [pool.submit(lambda m=m: (m, ask(m))) for m in ["tiny", "tiny_a"] * 6]
+        for _ in range(5):
+            assert httpx.post(f"{root}/api/adapters/tiny_a/unload").status_code in (200, 404)
+            assert httpx.post(f"{root}/api/adapters/tiny_a/load").status_code == 200
+        for future in asks:
+            model, answer = future.result()
+            assert answer == expected[model]
+
+
+def test_adapter_for_another_base_is_a_409(tiny_home, tiny_llama, tmp_path):
+    from scalpel import adapter_store
+    from tests.tiny_models import build_tiny_llama
+    other = build_tiny_llama(tmp_path / "other", seed=5)
+    assert main(["models", "add", "tiny_other", str(other), "--outtype", "f32"]) == 0
+    engine = Engine(model_store.get("tiny_other"))  # same shapes, different weights: only the fingerprint differs
+    try:
+        with BackgroundServer(create_app(engine)) as server:
+            reply = httpx.post(f"{server.base_url}/chat/completions",
+                               json={"model": "tiny_a", "messages": [{"role": "user", "content": "x"}]})
+            assert reply.status_code == 409 and reply.json()["error"]["code"] == "base_mismatch"
+            assert adapter_store.resolve("tiny_a")  # the store is untouched
+    finally:
+        engine.close()
