@@ -60,6 +60,51 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error: {type(exc).__name__}", type_="server_error")
 
 
+class BodyTooLarge(ScalpelError):
+    status = 413
+
+
+class Guard:
+    """Plain ASGI middleware (it never buffers a stream, and lets disconnects through): a body size limit,
+    request metrics, and one JSON log line per request."""
+
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int):
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        begun, status, received = time.perf_counter(), [500], [0]
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"")
+        too_large = BodyTooLarge(f"the request body exceeds the limit of {self.max_body_bytes} bytes",
+                                 code="request_too_large")
+
+        async def counted_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > self.max_body_bytes:  # a chunked body that did not announce its size
+                    raise too_large
+            return message
+
+        async def recorded_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            await JSONResponse(status_code=413, content=too_large.to_openai())(scope, receive, recorded_send)
+        else:
+            await self.app(scope, counted_receive, recorded_send)
+        seconds = time.perf_counter() - begun
+        route = getattr(scope.get("route"), "path", "unmatched")
+        self.metrics.requests.labels(route, str(status[0])).inc()
+        self.metrics.latency.labels(route).observe(seconds)
+        log.info(json.dumps({"event": "request", "method": scope["method"], "path": scope["path"],
+                             "status": status[0], "ms": round(seconds * 1000, 1)}))
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -78,23 +123,7 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
     started = int(time.time())
     default_scales: dict[str, float] = {}  # adapter name -> scale set by /api/adapters/{name}/load
 
-    @app.middleware("http")
-    async def limits_and_logs(request: Request, call_next):
-        begun = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body_bytes:
-            response = _error(413, f"request body of {length} bytes exceeds the limit of {max_body_bytes}",
-                              code="request_too_large")
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        seconds = time.perf_counter() - begun
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(seconds)
-        log.info(json.dumps({"event": "request", "method": request.method, "path": request.url.path,
-                             "status": response.status_code, "ms": round(seconds * 1000, 1)}))
-        return response
+    app.add_middleware(Guard, metrics=metrics, max_body_bytes=max_body_bytes)
 
     def check_key(request: Request, *, admin: bool) -> None:
         if not api_keys:
@@ -144,7 +173,7 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
         engine.check_fits(len(tokens), params.max_tokens)
         return adapters, engine.queue.reserve()  # 429 now, before any response starts
 
-    async def respond(body: SamplingFields, tokens: list[int], params: GenerationParams,
+    async def respond(request: Request, body: SamplingFields, tokens: list[int], params: GenerationParams,
                       shape: Callable[[Piece, bool], dict], whole: Callable[[str, list, str, dict], dict]):
         adapters, ticket = await prepare(body, tokens, params)
         if body.stream:
@@ -162,10 +191,21 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
                     finish, usage = piece.finish_reason, piece.usage
             return text, logprobs, finish, usage
 
+        async def watch_disconnect() -> None:
+            while not cancelled.is_set():
+                if await request.is_disconnected():
+                    cancelled.set()  # the client left: stop decoding for nobody
+                    return
+                await anyio.sleep(0.1)
+
         try:
-            text, logprobs, finish, usage = await anyio.to_thread.run_sync(run)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(watch_disconnect)
+                try:
+                    text, logprobs, finish, usage = await anyio.to_thread.run_sync(run)
+                finally:
+                    cancelled.set()
         finally:
-            cancelled.set()
             engine.queue.release(ticket)
         metrics.count_usage(usage)
         return whole(text, logprobs, finish, usage)
@@ -191,7 +231,7 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
         raise NotFoundError(f"the model {model_id!r} does not exist", param="model", code="model_not_found")
 
     @app.post("/v1/chat/completions", dependencies=guarded)
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
         tokens = engine.chat_tokens([m.as_template_message() for m in body.messages])
         params = GenerationParams(max_tokens=body.max_completion_tokens or body.max_tokens,
                                   temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
@@ -216,10 +256,10 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
                                  "logprobs": {"content": logprobs} if body.logprobs else None,
                                  "finish_reason": finish}], "usage": usage}
 
-        return await respond(body, tokens, params, shape, whole)
+        return await respond(request, body, tokens, params, shape, whole)
 
     @app.post("/v1/completions", dependencies=guarded)
-    async def completions(body: CompletionRequest):
+    async def completions(request: Request, body: CompletionRequest):
         tokens = engine.text_tokens(body.prompt)
         params = GenerationParams(max_tokens=body.max_tokens or 16, temperature=body.temperature, top_p=body.top_p,
                                   stop=body.stop, seed=body.seed, presence_penalty=body.presence_penalty,
@@ -243,7 +283,7 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
             return {**envelope, "choices": [{"index": 0, "text": text, "logprobs": legacy_logprobs(logprobs),
                                              "finish_reason": finish}], "usage": usage}
 
-        return await respond(body, tokens, params, shape, whole)
+        return await respond(request, body, tokens, params, shape, whole)
 
     def adapter_info(name: str) -> dict:
         root = adapter_store.root_for_name(name)

@@ -72,6 +72,7 @@ class Engine:
         self._versions: dict[str, adapter_store.AdapterVersion] = {}  # every ref ever loaded, to reload
         self._applied: AdapterSet = ()
         self.adapter_switches = 0
+        self.cancelled_generations = 0  # stopped early because the client went away
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
 
     # --- adapters -------------------------------------------------------------------------------
@@ -212,6 +213,7 @@ class Engine:
                     yield self._release(text, released, safe, pending)
                     released = safe
                 if cancelled is not None and cancelled.is_set():
+                    self.cancelled_generations += 1
                     return
         finally:
             generator.close()

@@ -24,6 +24,8 @@ class Metrics:
             lambda: len(engine.loaded()))
         Gauge("scalpel_adapter_switches", "Times the context's adapter set changed", registry=r).set_function(
             lambda: engine.adapter_switches)
+        Gauge("scalpel_cancelled_generations", "Generations stopped because the client left",
+              registry=r).set_function(lambda: engine.cancelled_generations)
 
     def count_usage(self, usage: dict | None) -> None:
         if usage:

@@ -287,3 +287,4 @@ def test_adapter_for_another_base_is_a_409(tiny_home, tiny_llama, tmp_path):
             assert adapter_store.resolve("tiny_a")  # the store is untouched
     finally:
         engine.close()
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -38,6 +39,7 @@ def served(tmp_path_factory):
         result = train_and_publish(config, data, progress=False)
         engine = Engine(model_store.get(model_store.DEFAULT_MODEL))
         with BackgroundServer(create_app(engine)) as server:
+            server.engine = engine
             yield server, result.version
         engine.close()
 
@@ -111,3 +113,23 @@ def test_load_endpoint_reports_the_version(served):
     reply = httpx.post(f"{server.base_url.removesuffix('/v1')}/api/adapters/codeword/load")
     assert reply.status_code == 200
     assert reply.json()["version"] == version.version and reply.json()["loaded"] is True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_cancels_its_generation(served, stream):
+    server, _ = served
+    engine = server.engine
+    before = engine.cancelled_generations
+    body = {"model": model_store.DEFAULT_MODEL, "max_tokens": 2000, "temperature": 0, "stream": stream,
+            "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}]}
+    if stream:  # read the first events, then hang up
+        with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=30) as reply:
+            events = reply.iter_lines()
+            assert next(events).startswith("data: ")
+    else:  # give up waiting for the whole answer
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=1.0)
+    deadline = time.time() + 10
+    while (engine.cancelled_generations == before or engine.queue.depth) and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.cancelled_generations == before + 1 and engine.queue.depth == 0
