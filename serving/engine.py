@@ -6,6 +6,7 @@ import codecs
 import ctypes
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -73,6 +74,7 @@ class Engine:
         self._applied: AdapterSet = ()
         self.adapter_switches = 0
         self.cancelled_generations = 0  # stopped early because the client went away
+        self.on_switch = None  # called with the seconds each adapter switch took (metrics)
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
 
     # --- adapters -------------------------------------------------------------------------------
@@ -120,6 +122,7 @@ class Engine:
             return
         for ref, _ in adapters:  # unloaded after this request chose it: the request still gets it
             self._init_adapter(self._versions[ref])
+        begun = time.perf_counter()
         n = len(adapters)
         pointers = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[self._loaded[r] for r, _ in adapters])
         scales = (ctypes.c_float * max(n, 1))(*[s for _, s in adapters])
@@ -129,6 +132,8 @@ class Engine:
         self.llm.reset()
         self._applied = adapters
         self.adapter_switches += 1
+        if self.on_switch:
+            self.on_switch(time.perf_counter() - begun)
 
     # --- generation -----------------------------------------------------------------------------
     def chat_tokens(self, messages: list[dict]) -> list[int]:

@@ -28,6 +28,11 @@ def tiny_home(tiny_llama, tmp_path_factory):
         config = parse_config({"model_name": "tiny", "output_dir": "adapters/tiny_a",
                                "training_config": {"num_epochs": 2, "learning_rate": 5e-2, "save_steps": 1000}})
         train_and_publish(config, data, progress=False)
+        other = home / "e.json"
+        other.write_text(json.dumps([{"instruction": "hi", "output": "never 2 1"}] * 4))
+        train_and_publish(parse_config({"model_name": "tiny", "output_dir": "adapters/tiny_b",
+                                        "training_config": {"num_epochs": 2, "learning_rate": 5e-2,
+                                                            "save_steps": 1000}}), other, progress=False)
         yield home
 
 
@@ -66,31 +71,44 @@ def test_errors_are_openai_shaped(engine):
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
+FRESH_ANSWER = """
+import json, sys
+from scalpel import adapter_store, model_store
+from serving.engine import Engine, GenerationParams
+engine = Engine(model_store.get("tiny"))
+adapters = tuple((engine.load(adapter_store.resolve(name)), 1.0) for name in sys.argv[1:])
+tokens = engine.chat_tokens([{"role": "user", "content": "hi"}])
+print(json.dumps("".join(p.text for p in engine.generate(tokens, adapters, GenerationParams(max_tokens=12, temperature=0)))))
+"""
+
+
 def test_switching_adapters_never_reuses_the_cache(tiny_home):
-    tokens = None
-    params = GenerationParams(max_tokens=12, temperature=0)
-
-    def answer(engine, adapters):
-        return "".join(piece.text for piece in engine.generate(tokens, adapters, params))
-
-    fresh = Engine(model_store.get("tiny"))
-    tokens = fresh.chat_tokens([{"role": "user", "content": "hi"}])
+    """Alternate base, adapter and another adapter on one prompt: each answer equals a fresh process's."""
+    import subprocess
+    import sys
+    from pathlib import Path
     from scalpel import adapter_store
-    ref = fresh.load(adapter_store.resolve("tiny_a"))
-    base_alone = answer(fresh, ())
-    fresh.close()
-    fresh = Engine(model_store.get("tiny"))
-    fresh.load(adapter_store.resolve("tiny_a"))
-    adapter_alone = answer(fresh, ((ref, 1.0),))
-    fresh.close()
-    assert base_alone != adapter_alone, "the adapter must change the answer for this test to mean anything"
+
+    def fresh(*names):
+        out = subprocess.run([sys.executable, "-c", FRESH_ANSWER, *names], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).resolve().parents[2])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    expected = {(): fresh(), ("tiny_a",): fresh("tiny_a"), ("tiny_b",): fresh("tiny_b")}
+    assert len(set(expected.values())) == 3, "the adapters must change the answer for this test to mean anything"
 
     shared = Engine(model_store.get("tiny"))
-    shared.load(adapter_store.resolve("tiny_a"))
-    for _ in range(2):
-        assert answer(shared, ()) == base_alone
-        assert answer(shared, ((ref, 1.0),)) == adapter_alone
-    shared.close()
+    try:
+        tokens = shared.chat_tokens([{"role": "user", "content": "hi"}])
+        refs = {name: shared.load(adapter_store.resolve(name)) for name in ("tiny_a", "tiny_b")}
+        for _ in range(2):
+            for names, answer in expected.items():
+                adapters = tuple((refs[n], 1.0) for n in names)
+                got = "".join(p.text for p in shared.generate(tokens, adapters,
+                                                               GenerationParams(max_tokens=12, temperature=0)))
+                assert got == answer, names
+    finally:
+        shared.close()
 
 
 @pytest.fixture(scope="module")
