@@ -27,6 +27,17 @@ def build_bpe_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     return fast
 
 
+def _widen_and_save(model, tokenizer, folder: Path) -> Path:
+    """A random init is tiny; widen the matrices so logits differ visibly between tokens, then save."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
 def build_tiny_llama(folder: Path, *, seed: int = 0, n_head: int = 4, n_head_kv: int = 2,
                      hidden: int = 64, layers: int = 2, tie: bool = False) -> Path:
     """Save a random LlamaForCausalLM (safetensors) and a BPE tokenizer into `folder`."""
@@ -37,14 +48,7 @@ def build_tiny_llama(folder: Path, *, seed: int = 0, n_head: int = 4, n_head_kv:
                          max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tie,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # a random init is tiny; widen it so logits differ visibly between tokens
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return Path(folder)
+    return _widen_and_save(LlamaForCausalLM(config), tokenizer, folder)
 
 
 def build_tiny_spm_llama(folder: Path, *, seed: int = 1, extra_tokens: int = 16, rope_theta: float = 1e6) -> Path:
@@ -61,21 +65,14 @@ def build_tiny_spm_llama(folder: Path, *, seed: int = 1, extra_tokens: int = 16,
                                    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     shutil.move(folder / "sp.model", folder / "tokenizer.model")
     (folder / "sp.vocab").unlink()
-    tokenizer = LlamaTokenizer.from_pretrained(folder, legacy=True)  # as CodeLlama's tokenizer_config says
+    tokenizer = LlamaTokenizer.from_pretrained(folder)
     tokenizer.add_tokens([f"<extra_{i}>" for i in range(extra_tokens)])
     tokenizer.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                          rms_norm_eps=1e-5, rope_theta=rope_theta, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return _widen_and_save(LlamaForCausalLM(config), tokenizer, folder)
 
 
 def build_tiny_qwen2(folder: Path, *, seed: int = 2) -> Path:
@@ -87,11 +84,4 @@ def build_tiny_qwen2(folder: Path, *, seed: int = 2) -> Path:
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return Path(folder)
+    return _widen_and_save(Qwen2ForCausalLM(config), tokenizer, folder)
