@@ -306,3 +306,49 @@ def test_adapter_for_another_base_is_a_409(tiny_home, tiny_llama, tmp_path):
     finally:
         engine.close()
 
+
+
+def test_model_cards_for_base_adapters_and_versions(client):
+    assert client.models.retrieve("tiny").owned_by == "scalpel"
+    assert client.models.retrieve("tiny_a@v1").id == "tiny_a@v1"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("tiny_a@v9")
+
+
+def test_keys_from_env_and_file(tiny_home, tmp_path, monkeypatch):
+    from serving.settings import ServeSettings
+    keyfile = tmp_path / "keys.txt"
+    keyfile.write_text("from-file\n\n")
+    monkeypatch.setenv("SCALPEL_API_KEYS", '["from-env"]')
+    monkeypatch.setenv("SCALPEL_API_KEY_FILE", str(keyfile))
+    assert ServeSettings().keys() == {"from-env", "from-file"}
+
+
+def test_shutting_down_answers_503(tiny_home):
+    engine = Engine(model_store.get("tiny"))
+    try:
+        with BackgroundServer(create_app(engine)) as server:
+            engine.queue.close()
+            reply = httpx.post(f"{server.base_url}/chat/completions",
+                               json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+            assert reply.status_code == 503 and reply.json()["error"]["code"] == "shutting_down"
+    finally:
+        engine.close()
+
+
+def test_nothing_a_client_sends_crashes_the_server(server):
+    import random
+    rng = random.Random(0)
+    values = [None, 0, -1, 1e309, "", "x" * 300, [], {}, [{"role": "user"}], {"role": "user", "content": 5},
+              True, "tiny", "../../etc/passwd", "tiny_a@v0", [1, 2, 3]]
+    fields = ["model", "messages", "prompt", "temperature", "top_p", "max_tokens", "stop", "seed", "n", "stream",
+              "logprobs", "top_logprobs", "response_format", "adapters", "stream_options"]
+    for _ in range(60):
+        body = {f: rng.choice(values) for f in rng.sample(fields, rng.randint(1, 6))}
+        for route in ("/chat/completions", "/completions"):
+            reply = httpx.post(f"{server.base_url}{route}", content=json.dumps(body), timeout=30,  # allows Infinity
+                               headers={"Content-Type": "application/json"})
+            assert reply.status_code < 500, (route, body, reply.text)
+            if reply.status_code >= 400:
+                assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{server.base_url.removesuffix('/v1')}/health").status_code == 200
