@@ -92,7 +92,7 @@ def stream_once(base_url: str, model: str, max_tokens: int) -> dict:
             "pieces": pieces}
 
 
-def median_run(base_url: str, model: str, max_tokens: int, repeats: int = 3) -> dict:
+def median_run(base_url: str, model: str, max_tokens: int, repeats: int = 7) -> dict:
     stream_once(base_url, model, 8)  # warm
     runs = [stream_once(base_url, model, max_tokens) for _ in range(repeats)]
     return {k: statistics.median(r[k] for r in runs) for k in ("ttft", "decode_tps", "pieces")}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
-import queue
 import secrets
 import threading
 import time
@@ -147,12 +147,13 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
         """The request's `model` (base, adapter, or adapter@vN) plus any stacked `adapters`."""
         chosen: list[tuple[str, float]] = []
         if model != engine.base.name:
-            name = model.split("@")[0]
-            if name not in adapter_store.list_adapters():
-                raise NotFoundError(f"the model {model!r} does not exist: use {engine.base.name!r} or one of "
-                                    f"the adapters {adapter_store.list_adapters()}", param="model",
-                                    code="model_not_found")
-            chosen.append((engine.load(adapter_store.resolve(model)), default_scales.get(name, 1.0)))
+            try:
+                version = adapter_store.resolve(model)
+            except NotFoundError as exc:
+                raise NotFoundError(f"the model {model!r} does not exist ({exc.message}): use "
+                                    f"{engine.base.name!r} or one of the adapters {adapter_store.list_adapters()}",
+                                    param="model", code="model_not_found") from exc
+            chosen.append((engine.load(version), default_scales.get(version.name, 1.0)))
         for choice in extra or []:
             chosen.append((engine.load(adapter_store.resolve(choice.name)), choice.scale))
         return tuple(chosen)
@@ -330,24 +331,27 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
 async def _sse(engine: Engine, metrics: Metrics, tokens: list[int], adapters: AdapterSet, params: GenerationParams,
                ticket: Ticket, shape: Callable[[Piece, bool], dict], include_usage: bool) -> AsyncIterator[str]:
     """Generate in a worker thread and relay chunks as server-sent events; a client that leaves cancels."""
-    pieces: queue.Queue = queue.Queue()
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
     cancelled = threading.Event()
     begun = time.perf_counter()
 
     def work() -> None:
+        def hand_over(item) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, item)
         try:
             for piece in engine.generate(tokens, adapters, params, ticket=ticket, cancelled=cancelled):
-                pieces.put(piece)
+                hand_over(piece)
         except Exception as exc:  # reported to the client as an error event
-            pieces.put(exc)
+            hand_over(exc)
         finally:
-            pieces.put(None)
+            hand_over(None)
 
     threading.Thread(target=work, daemon=True).start()
     first = True
     try:
         while True:
-            piece = await anyio.to_thread.run_sync(pieces.get)
+            piece = await pieces.get()
             if piece is None:
                 break
             if isinstance(piece, Exception):

@@ -239,6 +239,8 @@ def test_metrics_count_requests_tokens_and_queue(server, client):
 
 def test_adapter_routes(server, client, tiny_home):
     root = server.base_url.removesuffix("/v1")
+    listed = {a["name"]: a for a in httpx.get(f"{root}/api/adapters").json()["data"]}
+    assert {"tiny_a", "tiny_b"} <= set(listed) and listed["tiny_a"]["versions"] == ["v1"]
     info = httpx.get(f"{root}/api/adapters/tiny_a").json()
     assert info["active_version"] == "v1" and info["manifest"]["base"]["name"] == "tiny"
     assert httpx.get(f"{root}/api/adapters/nope").status_code == 404
