@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
 from safetensors import safe_open
 from tqdm import tqdm

@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from conversion.architecture import BaseLayout
+from conversion.lora_to_gguf import BASE_FINGERPRINT_KEY
 from scalpel.gguf_meta import GGUFInfo
 
 _ADAPTER_SUFFIXES = (".lora_a", ".lora_b")
@@ -34,7 +35,7 @@ def check_adapter(adapter: GGUFInfo, base: BaseLayout, base_fingerprint: str | N
         problems.append("not a LoRA adapter (general.type / adapter.type)")
     if adapter.architecture != base.arch_name:
         problems.append(f"architecture {adapter.architecture!r} but the base is {base.arch_name!r}")
-    stamped = adapter.metadata.get("scalpel.base.fingerprint")
+    stamped = adapter.metadata.get(BASE_FINGERPRINT_KEY)
     if base_fingerprint and stamped and stamped != base_fingerprint:
         problems.append("converted for another base (scalpel.base.fingerprint differs)")
     pairs: dict[str, dict[str, tuple]] = defaultdict(dict)

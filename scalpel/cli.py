@@ -44,9 +44,9 @@ def cmd_models_add(args) -> None:
 
 
 def _hf_chat_template(folder: Path) -> str | None:
-    for name in ("chat_template.jinja",):
-        if (folder / name).is_file():
-            return (folder / name).read_text(encoding="utf-8")
+    """transformers 5 saves the template as chat_template.jinja; older folders keep it in tokenizer_config.json."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     config = folder / "tokenizer_config.json"
     if config.is_file():
         template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")

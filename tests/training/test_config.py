@@ -15,12 +15,11 @@ PLAN_CONFIG = Path(__file__).resolve().parents[3] / "shared" / "seed" / "surgica
 
 
 @pytest.fixture()
-def plan_config_path(tmp_path) -> Path:
+def plan_config_path() -> Path:
+    """The plan's own file where shared/ sits beside the clone (CI), else the byte-identical copy in examples/."""
     if PLAN_CONFIG.is_file():
         return PLAN_CONFIG
-    # CI clones keep shared/ beside the repo; keep a byte-identical copy of the plan's config otherwise.
-    copy = Path(__file__).resolve().parents[2] / "examples" / "plan_config.json"
-    return copy
+    return Path(__file__).resolve().parents[2] / "examples" / "plan_config.json"
 
 
 def test_plan_config_is_accepted_unchanged_and_every_field_is_honoured(plan_config_path, tmp_path):
