@@ -62,6 +62,8 @@ def cmd_train(args) -> None:
     result = train_and_publish(config, Path(args.data), eval_data=Path(args.eval_data) if args.eval_data else None,
                                model=args.model, outtype=args.outtype, max_steps=args.max_steps)
     m = result.manifest
+    for finding in result.warnings:
+        print(f"data warning: {finding.where}: {finding.message} [{finding.code}]", file=sys.stderr)
     print(f"\nadapter {result.version.ref} written to {result.version.path}")
     print(f"  final loss {m['metrics']['final_loss']:.4f}, {m['metrics']['examples']} examples, "
           f"train {result.train_seconds:.0f} s, convert {result.convert_seconds:.2f} s, "
@@ -220,13 +222,23 @@ def cmd_serve(args) -> None:
 
 def cmd_data_check(args) -> None:
     from training.dataset import load_examples
+    from training.quality import QualityRules, check
     examples = load_examples(Path(args.file))
-    concepts: dict[str, int] = {}
-    for ex in examples:
-        concepts[ex.concept] = concepts.get(ex.concept, 0) + 1
-    print(f"{args.file}: {len(examples)} examples, {len(concepts)} concepts")
-    for concept, n in sorted(concepts.items(), key=lambda kv: -kv[1]):
-        print(f"  {concept:40} {n}")
+    rules = QualityRules(min_examples=args.min_examples, min_avg_answer_words=args.min_avg_words,
+                         strict=args.strict)
+    counts = None
+    if args.model:
+        from scalpel import model_store
+        from training.base_model import load_tokenizer, template_info
+        from training.dataset import tokenize_example
+        entry = model_store.get(args.model)
+        tokenizer, info = load_tokenizer(entry), template_info(entry)
+        counts = [tokenize_example(ex, tokenizer, info, args.max_seq_length)["n_tokens"] for ex in examples]
+    report = check(examples, rules, counts, args.max_seq_length)
+    print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False) if args.json else
+          f"{args.file}: {report.as_text()}")
+    if report.errors:
+        raise ScalpelError(f"{args.file}: {len(report.errors)} errors", code="dataset_errors")
 
 
 def cmd_demo(args) -> None:
@@ -309,8 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     data = sub.add_parser("data", help="knowledge files").add_subparsers(dest="action", required=True)
-    check = data.add_parser("check", help="validate a dataset and count its concepts")
+    check = data.add_parser("check", help="validate a dataset: schema, encoding, duplicates, conflicts, "
+                                          "length, concept balance, the plan's quality metrics")
     check.add_argument("file")
+    check.add_argument("--model", help="count tokens with this base's tokenizer and chat template")
+    check.add_argument("--max-seq-length", type=int, default=2048)
+    check.add_argument("--min-examples", type=int, default=100)
+    check.add_argument("--min-avg-words", type=float, default=150)
+    check.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    check.add_argument("--json", action="store_true")
     check.set_defaults(func=cmd_data_check)
 
     demo = sub.add_parser("demo", help="the whole loop on the embedded default model")

@@ -12,8 +12,10 @@ from conversion.architecture import layout_from_gguf
 from conversion.lora_to_gguf import BASE_FINGERPRINT_KEY, convert_lora
 from scalpel import adapter_store, model_store, paths
 from scalpel.atomic import sha256_file, write_json
+from scalpel.errors import ScalpelError
 from training.config import TrainConfig
 from training.dataset import file_hash, load_examples
+from training.quality import Finding, check
 from training.trainer import train
 
 
@@ -23,6 +25,7 @@ class PipelineResult:
     manifest: dict
     train_seconds: float
     convert_seconds: float
+    warnings: list[Finding]
 
 
 def adapter_gguf(peft_dir: Path, base: model_store.ModelEntry, out: Path, outtype: str = "f32"):
@@ -38,6 +41,11 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
     paths.enforce_offline()
     base = model_store.get(model or config.model_name)
     examples = load_examples(data)
+    quality = check(examples)
+    if quality.errors:
+        first = quality.errors[0]
+        raise ScalpelError(f"{first.where}: {first.message} ({len(quality.errors)} errors; see `scalpel data "
+                           f"check {data}`)", param=first.where, code="dataset_errors")
     eval_examples = load_examples(eval_data) if eval_data else None
     root = adapter_store.root_for_output_dir(config.output_dir)
     parent = adapter_store.active_version(root)
@@ -64,6 +72,7 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
                             "convert_seconds": convert_seconds, "concepts": result.concepts},
                 "gguf": {"outtype": outtype, "alpha": conversion.alpha, "rank": conversion.rank,
                          "modules": conversion.n_modules, "size_bytes": conversion.path.stat().st_size},
+                "data_quality": quality.as_dict(),
                 "eval": None,
                 "files": files,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -72,4 +81,4 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
             version = adapter_store.publish(root, stage)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return PipelineResult(version, manifest, result.seconds, convert_seconds)
+    return PipelineResult(version, manifest, result.seconds, convert_seconds, quality.warnings)

@@ -93,3 +93,20 @@ def test_convert_lora_cli_verifies_against_pytorch(registered, home, capsys):
     assert main(["convert", "lora", str(result.version.path), "--base", "tiny", "--out", str(out), "--verify"]) == 0
     printed = capsys.readouterr().out
     assert "ALL_F32 + adapter" in printed and "PASS" in printed and out.is_file()
+
+
+def test_dataset_errors_stop_training_before_it_starts(registered, home):
+    bad = home / "empty_answer.json"
+    bad.write_text(json.dumps(FACTS + [{"instruction": "q", "output": "   "}]))
+    with pytest.raises(ScalpelError, match="empty") as err:
+        train_and_publish(parse_config(tiny_config()), bad, progress=False)
+    assert err.value.param.startswith(f"{bad}[6]")
+    assert not adapter_store.root_for_output_dir("adapters/tiny_adapter").exists() or \
+        adapter_store.versions(adapter_store.root_for_output_dir("adapters/tiny_adapter")) == []
+
+
+def test_manifest_records_data_quality(registered):
+    result = train_and_publish(parse_config(tiny_config()), registered, progress=False)
+    quality = result.version.manifest["data_quality"]
+    assert quality["examples"] == len(FACTS) and quality["errors"] == 0
+    assert {f["code"] for f in quality["findings"]} >= {"few_examples", "short_answers"}
