@@ -52,6 +52,10 @@ class TrainingSettings(Strict):
                                "constant", "constant_with_warmup", "inverse_sqrt"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 42
+    # Not in the plan's file; defaults keep its behaviour. "auto": bf16 on CUDA GPUs that have it, fp16 on
+    # other CUDA GPUs, fp32 on Apple MPS and on the CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
 
 
 class TrainConfig(Strict):

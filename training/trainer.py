@@ -80,10 +80,20 @@ def lora_config(config: TrainConfig) -> LoraConfig:
                       use_rslora=lc.use_rslora)
 
 
+def choose_precision(requested: str) -> str:
+    """The device is the Trainer's choice (cuda, then mps, then cpu); the precision follows it."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
 def training_arguments(config: TrainConfig, work_dir: Path, *, has_eval: bool,
                        max_steps: int | None = None, progress: bool = True) -> transformers.TrainingArguments:
     """Every field of the plan's training_config, mapped onto the HF Trainer's arguments."""
     tc = config.training_config
+    precision = choose_precision(tc.precision)
     return transformers.TrainingArguments(
         output_dir=str(work_dir / "checkpoints"),
         num_train_epochs=tc.num_epochs,
@@ -108,6 +118,11 @@ def training_arguments(config: TrainConfig, work_dir: Path, *, has_eval: bool,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=tc.gradient_checkpointing,
+        # PEFT freezes the embeddings, so checkpointed blocks need inputs that require grad.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
     )
 
 
@@ -157,7 +172,8 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
     (out_dir / "trainer_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     losses = [h["loss"] for h in history if "loss" in h]
     metrics = dict(output.metrics)
-    metrics.update(final_loss=losses[-1] if losses else math.nan, global_step=trainer.state.global_step)
+    metrics.update(final_loss=losses[-1] if losses else math.nan, global_step=trainer.state.global_step,
+                   device=str(args.device), precision=choose_precision(config.training_config.precision))
     concepts: dict[str, int] = {}
     for r in rows:
         concepts[r["concept"]] = concepts.get(r["concept"], 0) + 1

@@ -110,3 +110,10 @@ def test_manifest_records_data_quality(registered):
     quality = result.version.manifest["data_quality"]
     assert quality["examples"] == len(FACTS) and quality["errors"] == 0
     assert {f["code"] for f in quality["findings"]} >= {"few_examples", "short_answers"}
+
+
+def test_gradient_checkpointing_and_precision_on_this_cpu(registered):
+    config = parse_config(tiny_config(gradient_checkpointing=True))
+    metrics = train_and_publish(config, registered, progress=False).version.manifest["metrics"]
+    assert metrics["device"] == "cpu" and metrics["precision"] == "fp32"
+    assert metrics["global_step"] == 3 and metrics["final_loss"] > 0
