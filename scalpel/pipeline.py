@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import resource
 import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from conversion.architecture import layout_from_gguf
+from conversion.architecture import BaseLayout, layout_from_gguf
+from conversion.estimate import NUCLEAR, lora_size
 from conversion.lora_to_gguf import BASE_FINGERPRINT_KEY, convert_lora
 from scalpel import adapter_store, model_store, paths
 from scalpel.atomic import sha256_file, write_json
@@ -16,6 +18,7 @@ from scalpel.errors import ScalpelError
 from training.config import TrainConfig
 from training.dataset import file_hash, load_examples
 from training.quality import Finding, check
+from training.report import ReportInputs, write_report
 from training.trainer import train
 
 
@@ -28,10 +31,18 @@ class PipelineResult:
     warnings: list[Finding]
 
 
-def adapter_gguf(peft_dir: Path, base: model_store.ModelEntry, out: Path, outtype: str = "f32"):
+def adapter_gguf(peft_dir: Path, base: model_store.ModelEntry, layout: BaseLayout, out: Path, outtype: str = "f32"):
     """Convert a PEFT folder against a registered base, stamping the base's fingerprint into the file."""
-    return convert_lora(peft_dir, layout_from_gguf(base.gguf_path), out, outtype=outtype,
-                        metadata={BASE_FINGERPRINT_KEY: base.fingerprint})
+    return convert_lora(peft_dir, layout, out, outtype=outtype, metadata={BASE_FINGERPRINT_KEY: base.fingerprint})
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _nuclear_mb(layout: BaseLayout) -> float:
+    """The plan's "nuclear" adapter (r=32 on all 7 projections) on this base, as f32 GGUF."""
+    return lora_size(layout, NUCLEAR["r"], NUCLEAR["target_modules"]).size_mb["f32"]
 
 
 def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None = None,
@@ -56,9 +67,9 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
             result = train(config, base, examples, stage, work, eval_examples=eval_examples,
                            max_steps=max_steps, progress=progress)
             started = datetime.now(timezone.utc)
-            conversion = adapter_gguf(stage, base, stage / adapter_store.GGUF_NAME, outtype)
+            layout = layout_from_gguf(base.gguf_path)
+            conversion = adapter_gguf(stage, base, layout, stage / adapter_store.GGUF_NAME, outtype)
             convert_seconds = (datetime.now(timezone.utc) - started).total_seconds()
-            files = {p.name: sha256_file(p) for p in sorted(stage.iterdir()) if p.is_file()}
             manifest = {
                 "adapter": root.name,
                 "base": {"name": base.name, "fingerprint": base.fingerprint, "gguf": base.gguf},
@@ -74,9 +85,16 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
                          "modules": conversion.n_modules, "size_bytes": conversion.path.stat().st_size},
                 "data_quality": quality.as_dict(),
                 "eval": None,
-                "files": files,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
+            write_report(ReportInputs(
+                adapter=root.name, base=base.name, history=result.log_history, config=manifest["config"],
+                dataset_sha256=manifest["datasets"]["train"]["sha256"], examples=result.n_examples,
+                tokens=result.n_tokens, seconds=result.seconds, peak_rss_mb=_peak_rss_mb(),
+                adapter_mb=conversion.path.stat().st_size / 1e6,
+                nuclear_mb=_nuclear_mb(layout)), stage)
+            manifest["files"] = {p.name: sha256_file(p) for p in sorted(stage.iterdir()) if p.is_file()}
+            manifest["report"] = "report.md"
             write_json(stage / adapter_store.MANIFEST_NAME, manifest)
             version = adapter_store.publish(root, stage)
     finally:

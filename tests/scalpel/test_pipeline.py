@@ -117,3 +117,12 @@ def test_gradient_checkpointing_and_precision_on_this_cpu(registered):
     metrics = train_and_publish(config, registered, progress=False).version.manifest["metrics"]
     assert metrics["device"] == "cpu" and metrics["precision"] == "fp32"
     assert metrics["global_step"] == 3 and metrics["final_loss"] > 0
+
+
+def test_each_version_has_a_report_with_plots(registered):
+    version = train_and_publish(parse_config(tiny_config()), registered, progress=False).version
+    report = (version.path / "report.md").read_text()
+    assert "![loss](loss.png)" in report and "nuclear adapter" in report and "dataset sha256" in report
+    for png in ("loss.png", "lr.png"):
+        assert (version.path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png in version.manifest["files"]

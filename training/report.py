@@ -1,0 +1,100 @@
+"""The training report written beside each adapter version: Markdown plus PNG plots of loss and learning rate."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+@dataclass
+class ReportInputs:
+    adapter: str
+    base: str
+    history: list[dict]        # the HF Trainer's log_history
+    config: dict
+    dataset_sha256: str
+    examples: int
+    tokens: int
+    seconds: float
+    peak_rss_mb: float
+    adapter_mb: float
+    nuclear_mb: float | None   # the plan's r=32 / 7-module adapter on the same base, f32
+
+
+def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_loss(history: list[dict], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps, loss = _series(history, "loss")
+    ax.plot(steps, loss, marker="o", markersize=3, label="train loss")
+    eval_steps, eval_loss = _series(history, "eval_loss")
+    if eval_steps:
+        ax.plot(eval_steps, eval_loss, marker="s", markersize=4, label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy on answer tokens")
+    ax.set_title("Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_lr(history: list[dict], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3))
+    steps, lr = _series(history, "learning_rate")
+    ax.plot(steps, lr, color="tab:green")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning-rate schedule")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(inputs: ReportInputs, folder: Path) -> Path:
+    """report.md, loss.png and lr.png in `folder`."""
+    plot_loss(inputs.history, folder / "loss.png")
+    plot_lr(inputs.history, folder / "lr.png")
+    _, losses = _series(inputs.history, "loss")
+    size_line = f"{inputs.adapter_mb:.2f} MB (GGUF)"
+    if inputs.nuclear_mb:
+        size_line += (f" against {inputs.nuclear_mb:.1f} MB for the plan's nuclear adapter (r=32, 7 modules) "
+                      f"on the same base: {inputs.nuclear_mb / inputs.adapter_mb:.1f}x smaller")
+    lines = [
+        f"# Training report: {inputs.adapter}",
+        "",
+        f"- base: {inputs.base}",
+        f"- examples: {inputs.examples}, tokens per epoch: {inputs.tokens}",
+        f"- loss: {losses[0]:.3f} at the first logged step, {losses[-1]:.3f} at the last" if losses else "- loss: -",
+        f"- wall time: {inputs.seconds:.0f} s, {inputs.tokens * inputs.config['training_config']['num_epochs'] / max(inputs.seconds, 1e-9):.0f} tokens/s",
+        f"- peak memory (RSS): {inputs.peak_rss_mb:.0f} MB",
+        f"- adapter size: {size_line}",
+        f"- dataset sha256: {inputs.dataset_sha256}",
+        "",
+        "![loss](loss.png)",
+        "",
+        "![learning rate](lr.png)",
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(inputs.config, indent=2),
+        "```",
+        "",
+    ]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
