@@ -120,5 +120,6 @@ def run_demo(max_steps: int | None = None) -> dict:
         print(f"  {stage:20} {seconds:7.1f}")
     print(f"  {'total':20} {sum(timings.values()):7.1f}")
     print(f"\nadapter size: {size_mb:.2f} MB (GGUF f32) in {version.path}")
+    print(f"training report with loss and learning-rate plots: {version.path / 'report.md'}")
     print(f"serve it yourself:  scalpel serve   then use model={version.name!r} in any OpenAI client")
     return {"timings": timings, "answers": answers, "adapter": version.ref, "size_mb": size_mb}
