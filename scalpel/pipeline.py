@@ -80,7 +80,8 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
                 "config": config.model_dump(mode="json"),
                 "metrics": {**result.metrics, "examples": result.n_examples, "tokens": result.n_tokens,
                             "truncated_examples": result.n_truncated, "train_seconds": result.seconds,
-                            "convert_seconds": convert_seconds, "concepts": result.concepts},
+                            "convert_seconds": convert_seconds, "concepts": result.concepts,
+                            "concept_loss": result.concept_loss},
                 "gguf": {"outtype": outtype, "alpha": conversion.alpha, "rank": conversion.rank,
                          "modules": conversion.n_modules, "size_bytes": conversion.path.stat().st_size},
                 "data_quality": quality.as_dict(),
@@ -92,7 +93,8 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
                 dataset_sha256=manifest["datasets"]["train"]["sha256"], examples=result.n_examples,
                 tokens=result.n_tokens, seconds=result.seconds, peak_rss_mb=_peak_rss_mb(),
                 adapter_mb=conversion.path.stat().st_size / 1e6,
-                nuclear_mb=_nuclear_mb(layout)), stage)
+                nuclear_mb=_nuclear_mb(layout), concept_loss=result.concept_loss,
+                concept_loss_on="eval data" if eval_examples else "training data"), stage)
             manifest["files"] = {p.name: sha256_file(p) for p in sorted(stage.iterdir()) if p.is_file()}
             manifest["report"] = "report.md"
             write_json(stage / adapter_store.MANIFEST_NAME, manifest)

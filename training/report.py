@@ -25,6 +25,8 @@ class ReportInputs:
     peak_rss_mb: float
     adapter_mb: float
     nuclear_mb: float | None   # the plan's r=32 / 7-module adapter on the same base, f32
+    concept_loss: dict[str, float]
+    concept_loss_on: str       # "eval data" or "training data"
 
 
 def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -64,10 +66,25 @@ def plot_lr(history: list[dict], out: Path) -> Path:
     return out
 
 
+def plot_concepts(concept_loss: dict[str, float], on: str, out: Path) -> Path:
+    names = sorted(concept_loss, key=concept_loss.get)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
+    ax.barh(names, [concept_loss[n] for n in names], color="tab:purple")
+    ax.set_xlabel(f"loss on answer tokens ({on}, after training)")
+    ax.set_title("Loss per concept")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def write_report(inputs: ReportInputs, folder: Path) -> Path:
-    """report.md, loss.png and lr.png in `folder`."""
+    """report.md, loss.png, lr.png and concepts.png in `folder`."""
     plot_loss(inputs.history, folder / "loss.png")
     plot_lr(inputs.history, folder / "lr.png")
+    if inputs.concept_loss:
+        plot_concepts(inputs.concept_loss, inputs.concept_loss_on, folder / "concepts.png")
     _, losses = _series(inputs.history, "loss")
     size_line = f"{inputs.adapter_mb:.2f} MB (GGUF)"
     if inputs.nuclear_mb:
@@ -88,6 +105,7 @@ def write_report(inputs: ReportInputs, folder: Path) -> Path:
         "",
         "![learning rate](lr.png)",
         "",
+        *(["![loss per concept](concepts.png)", ""] if inputs.concept_loss else []),
         "## Config",
         "",
         "```json",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 from scalpel.errors import ScalpelError
 from scalpel.model_store import ModelEntry
@@ -61,6 +62,34 @@ class LossProgress(ProgressCallback):
             self.training_bar.set_postfix(shown, refresh=True)
 
 
+def concept_losses(model, rows: list[dict], collate: PadCollator) -> dict[str, float]:
+    """Mean loss on answer tokens per concept (token-weighted), one example at a time so padding never counts."""
+    device = next(model.parameters()).device
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for row in rows:
+            batch = {k: v.to(device) for k, v in collate([row]).items()}
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the model shifts labels by one
+            sums[row["concept"]] += float(model(**batch).loss) * n
+            counts[row["concept"]] += n
+    model.train(was_training)
+    return {c: sums[c] / counts[c] for c in sorted(sums) if counts[c]}
+
+
+class ConceptLossOnEval(TrainerCallback):
+    """At every evaluation (eval_steps), add the eval loss per concept to the Trainer's log history."""
+
+    def __init__(self, rows: list[dict], collate: PadCollator):
+        self.rows, self.collate = rows, collate
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        state.log_history.append({"step": state.global_step,
+                                  "eval_concept_loss": concept_losses(model, self.rows, self.collate)})
+
+
 @dataclass
 class TrainResult:
     adapter_dir: Path
@@ -71,6 +100,7 @@ class TrainResult:
     n_truncated: int
     seconds: float
     concepts: dict[str, int] = field(default_factory=dict)
+    concept_loss: dict[str, float] = field(default_factory=dict)  # after training, on eval data if given
 
 
 def lora_config(config: TrainConfig) -> LoraConfig:
@@ -156,14 +186,17 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
     model = get_peft_model(load_model(entry), lora_config(config))
     args = training_arguments(config, work_dir, has_eval=bool(eval_rows), max_steps=max_steps,
                               progress=progress)
+    collate = PadCollator(tokenizer.pad_token_id)
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=TokenizedDataset(rows),
-        eval_dataset=TokenizedDataset(eval_rows) if eval_rows else None,
-        data_collator=PadCollator(tokenizer.pad_token_id))
+        eval_dataset=TokenizedDataset(eval_rows) if eval_rows else None, data_collator=collate)
+    if eval_rows:
+        trainer.add_callback(ConceptLossOnEval(eval_rows, collate))
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossProgress())
     output = trainer.train()
+    final_concept_loss = concept_losses(model, eval_rows or rows, collate)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Only the LoRA matrices are saved: the base's embeddings are never modified (no vocabulary changes).
@@ -180,4 +213,4 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
     return TrainResult(adapter_dir=out_dir, log_history=history, metrics=metrics, n_examples=len(rows),
                        n_tokens=sum(len(r["input_ids"]) for r in rows),
                        n_truncated=sum(r["truncated"] for r in rows), seconds=time.time() - started,
-                       concepts=concepts)
+                       concepts=concepts, concept_loss=final_concept_loss)

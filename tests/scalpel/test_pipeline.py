@@ -123,6 +123,17 @@ def test_each_version_has_a_report_with_plots(registered):
     version = train_and_publish(parse_config(tiny_config()), registered, progress=False).version
     report = (version.path / "report.md").read_text()
     assert "![loss](loss.png)" in report and "nuclear adapter" in report and "dataset sha256" in report
-    for png in ("loss.png", "lr.png"):
+    assert set(version.manifest["metrics"]["concept_loss"]) == {"c0", "c1", "c2"}
+    for png in ("loss.png", "lr.png", "concepts.png"):
         assert (version.path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert png in version.manifest["files"]
+
+
+def test_eval_data_gives_concept_loss_at_every_evaluation(registered):
+    config = parse_config(tiny_config(eval_steps=1))
+    result = train_and_publish(config, registered, eval_data=registered, progress=False)
+    per_eval = [h["eval_concept_loss"] for h in json.loads((result.version.path / "trainer_log.json").read_text())
+                if "eval_concept_loss" in h]
+    assert len(per_eval) == result.manifest["metrics"]["global_step"]
+    assert set(per_eval[-1]) == {"c0", "c1", "c2"} and all(v > 0 for v in per_eval[-1].values())
+    assert "![loss per concept](concepts.png)" in (result.version.path / "report.md").read_text()
