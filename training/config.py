@@ -56,6 +56,7 @@ class TrainingSettings(Strict):
     # other CUDA GPUs, fp32 on Apple MPS and on the CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    balance_concepts: bool = False  # oversample smaller concepts so each is seen as often as the largest
 
 
 class TrainConfig(Strict):

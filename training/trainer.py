@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -60,6 +61,22 @@ class LossProgress(ProgressCallback):
         shown = {k: f"{logs[k]:.4g}" for k in ("loss", "eval_loss", "learning_rate") if k in logs}
         if shown:
             self.training_bar.set_postfix(shown, refresh=True)
+
+
+def balance_by_concept(rows: list[dict], seed: int) -> list[dict]:
+    """Repeat the examples of smaller concepts (whole copies first, then a seeded sample of the rest)
+    until every concept has as many rows as the largest."""
+    by_concept: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_concept[row["concept"]].append(row)
+    target = max(len(group) for group in by_concept.values())
+    rng = random.Random(seed)
+    balanced = []
+    for concept in sorted(by_concept):
+        group = by_concept[concept]
+        copies, rest = divmod(target, len(group))
+        balanced.extend(group * copies + rng.sample(group, rest))
+    return balanced
 
 
 def concept_losses(model, rows: list[dict], collate: PadCollator) -> dict[str, float]:
@@ -181,6 +198,8 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
     tokenizer = load_tokenizer(entry)
     max_len = config.training_config.max_seq_length
     rows = _tokenize_all(examples, tokenizer, entry, max_len)
+    if config.training_config.balance_concepts:
+        rows = balance_by_concept(rows, config.training_config.seed)
     eval_rows = _tokenize_all(eval_examples, tokenizer, entry, max_len) if eval_examples else None
 
     model = get_peft_model(load_model(entry), lora_config(config))
@@ -208,9 +227,9 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
     metrics.update(final_loss=losses[-1] if losses else math.nan, global_step=trainer.state.global_step,
                    device=str(args.device), precision=choose_precision(config.training_config.precision))
     concepts: dict[str, int] = {}
-    for r in rows:
-        concepts[r["concept"]] = concepts.get(r["concept"], 0) + 1
-    return TrainResult(adapter_dir=out_dir, log_history=history, metrics=metrics, n_examples=len(rows),
+    for ex in examples:  # as given, before any balancing
+        concepts[ex.concept] = concepts.get(ex.concept, 0) + 1
+    return TrainResult(adapter_dir=out_dir, log_history=history, metrics=metrics, n_examples=len(examples),
                        n_tokens=sum(len(r["input_ids"]) for r in rows),
                        n_truncated=sum(r["truncated"] for r in rows), seconds=time.time() - started,
                        concepts=concepts, concept_loss=final_concept_loss)

@@ -72,3 +72,4 @@ def test_malformed_json_names_line(tmp_path):
     with pytest.raises(ScalpelError) as err:
         load_config(bad)
     assert f"{bad}:4" in err.value.message
+
