@@ -92,9 +92,7 @@ def cmd_convert_lora(args) -> None:
         from training.base_model import load_model, load_tokenizer
         report = verify(load_model(entry), load_tokenizer(entry), entry.gguf_path, peft_dir=Path(args.adapter),
                         adapter_gguf=out)
-        _print_verify(report, False)
-        if not report.passed:
-            raise ScalpelError(f"verification failed: {report.criterion} not met", code="verify_failed")
+        _report_verify(report, False)
 
 
 def cmd_convert_base(args) -> None:
@@ -107,19 +105,20 @@ def cmd_convert_base(args) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained(args.source, dtype="float32", use_safetensors=True)
         report = verify(model, AutoTokenizer.from_pretrained(args.source), path)
-        _print_verify(report, args.json)
-        if not report.passed:
-            raise ScalpelError(f"verification failed: {report.criterion} not met", code="verify_failed")
+        _report_verify(report, args.json)
 
 
-def _print_verify(report, as_json: bool) -> None:
+def _report_verify(report, as_json: bool) -> None:
+    """Print a verify report; a failed one is an error (exit status 2)."""
     if as_json:
         print(json.dumps(report.as_dict(), indent=2))
-        return
-    print(f"verify {report.file_type}{' + adapter' if report.adapter else ''}: {report.positions} positions, "
-          f"max abs {report.max_abs:.3g}, mean abs {report.mean_abs:.3g}, top-1 agreement {report.top1:.1%} "
-          f"(on the {report.decided_positions} decided positions: {report.top1_decided:.1%}) "
-          f"[{report.criterion}: {'PASS' if report.passed else 'FAIL'}]")
+    else:
+        print(f"verify {report.file_type}{' + adapter' if report.adapter else ''}: {report.positions} positions, "
+              f"max abs {report.max_abs:.3g}, mean abs {report.mean_abs:.3g}, top-1 agreement {report.top1:.1%} "
+              f"(on the {report.decided_positions} decided positions: {report.top1_decided:.1%}) "
+              f"[{report.criterion}: {'PASS' if report.passed else 'FAIL'}]")
+    if not report.passed:
+        raise ScalpelError(f"verification failed: {report.criterion} not met", code="verify_failed")
 
 
 def cmd_verify(args) -> None:
@@ -136,9 +135,7 @@ def cmd_verify(args) -> None:
             peft_dir, adapter_gguf = version.path, version.gguf
     report = verify(load_model(entry), load_tokenizer(entry), entry.gguf_path, peft_dir=peft_dir,
                     adapter_gguf=adapter_gguf, min_top1=args.min_top1)
-    _print_verify(report, args.json)
-    if not report.passed:
-        raise ScalpelError(f"verification failed: {report.criterion} not met", code="verify_failed")
+    _report_verify(report, args.json)
 
 
 def cmd_inspect(args) -> None:

@@ -175,7 +175,7 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
         return adapters, engine.queue.reserve()  # 429 now, before any response starts
 
     async def respond(request: Request, body: SamplingFields, tokens: list[int], params: GenerationParams,
-                      shape: Callable[[Piece, bool], dict], whole: Callable[[str, list, str, dict], dict]):
+                      shape: Callable[[Piece], dict], whole: Callable[[str, list, str, dict], dict]):
         adapters, ticket = await prepare(body, tokens, params)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -243,7 +243,7 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
         envelope = {"id": completion_id, "created": created, "model": body.model}
         first = [True]
 
-        def shape(piece: Piece, final: bool) -> dict:
+        def shape(piece: Piece) -> dict:
             delta = {"role": "assistant", "content": piece.text} if first[0] else {"content": piece.text}
             first[0] = False
             logprobs = {"content": piece.logprobs} if body.logprobs else None
@@ -276,7 +276,7 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
                     "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
                     "text_offset": []}
 
-        def shape(piece: Piece, final: bool) -> dict:
+        def shape(piece: Piece) -> dict:
             return {**envelope, "choices": [{"index": 0, "text": piece.text, "logprobs": legacy_logprobs(piece.logprobs),
                                              "finish_reason": piece.finish_reason}]}
 
@@ -329,7 +329,7 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
 
 
 async def _sse(engine: Engine, metrics: Metrics, tokens: list[int], adapters: AdapterSet, params: GenerationParams,
-               ticket: Ticket, shape: Callable[[Piece, bool], dict], include_usage: bool) -> AsyncIterator[str]:
+               ticket: Ticket, shape: Callable[[Piece], dict], include_usage: bool) -> AsyncIterator[str]:
     """Generate in a worker thread and relay chunks as server-sent events; a client that leaves cancels."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
@@ -362,7 +362,7 @@ async def _sse(engine: Engine, metrics: Metrics, tokens: list[int], adapters: Ad
             if first:
                 metrics.first_token.observe(time.perf_counter() - begun)
                 first = False
-            chunk = shape(piece, piece.finish_reason is not None)
+            chunk = shape(piece)
             yield f"data: {json.dumps(chunk)}\n\n"
             if piece.finish_reason:
                 metrics.count_usage(piece.usage)

@@ -176,10 +176,10 @@ class Engine:
                 cancelled: threading.Event | None) -> Iterator[Piece]:
         llm = self.llm
         llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
-        step_logits: list[np.ndarray] = []
+        step_logits: list[np.ndarray] = []  # the logits of the step just sampled, nothing older
 
         def keep_logits(_input_ids, logits):
-            step_logits.append(np.array(logits, dtype=np.float32))
+            step_logits[:] = [np.array(logits, dtype=np.float32)]
             return logits
 
         stops = params.stop or []
@@ -240,11 +240,11 @@ class Engine:
         shifted = logits - logits.max()
         logprobs = shifted - np.log(np.exp(shifted).sum())
         best = np.argsort(-logprobs)[:top] if top else []
-        as_text = lambda t: self.llm.detokenize([int(t)]).decode("utf-8", errors="replace")  # noqa: E731
+        top_pieces = [(int(t), self.llm.detokenize([int(t)])) for t in best]
         return {"token": piece.decode("utf-8", errors="replace"), "logprob": float(logprobs[token]),
                 "bytes": list(piece),
-                "top_logprobs": [{"token": as_text(t), "logprob": float(logprobs[t]),
-                                  "bytes": list(self.llm.detokenize([int(t)]))} for t in best]}
+                "top_logprobs": [{"token": raw.decode("utf-8", errors="replace"), "logprob": float(logprobs[t]),
+                                  "bytes": list(raw)} for t, raw in top_pieces]}
 
     def close(self) -> None:
         self.queue.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import llama_cpp
 import numpy as np
 import pytest
 import torch
@@ -11,21 +10,15 @@ from transformers import AutoModelForCausalLM
 
 from conversion.architecture import layout_for
 from conversion.hf_to_gguf import convert_base
+from conversion import verify
 from conversion.lora_to_gguf import convert_lora
 
 N_TOKENS = 32
 
 
 def llama_cpp_logits(gguf_path, tokens, lora_path=None) -> np.ndarray:
-    # An f32 KV cache: llama.cpp's default f16 cache alone rounds logits by about 1e-3.
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, n_batch=64, logits_all=True, n_threads=2,
-                          lora_path=str(lora_path) if lora_path else None, verbose=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    try:
-        llm.eval(tokens)
-        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    finally:
-        llm.close()
+    """llama.cpp's logits for one prompt, with the f32 KV cache verify uses."""
+    return verify.llama_cpp_logits(gguf_path, [tokens], lora_path)[0]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +36,7 @@ def prompt(tiny_llama):
 
 
 def torch_logits(model, tokens) -> np.ndarray:
-    model.eval()
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].float().numpy()
+    return verify.torch_logits(model, [tokens])[0]
 
 
 def test_base_logits_match(tiny_llama, converted, prompt):
