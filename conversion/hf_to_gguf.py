@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
@@ -40,18 +41,48 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _rope_theta(config: dict) -> float:
+@dataclass
+class Rope:
+    """The rotary embedding as llama.cpp's llama graph takes it: a base, an optional linear scaling, and
+    for Llama 3.1-style scaling a per-frequency divisor stored as the `rope_freqs` tensor."""
+    theta: float
+    linear_factor: float | None = None
+    freq_factors: np.ndarray | None = None
+
+
+def rope_from_config(config: dict, head_dim: int) -> Rope:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     kind = rope.get("rope_type") or rope.get("type") or "default"
-    if kind != "default":
-        raise ScalpelError(f"rope type {kind!r} is not supported yet (only default rope)",
-                           param="rope_parameters.rope_type", code="unsupported_architecture")
-    return float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0)
+    theta = float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0)
+    if kind == "default":
+        return Rope(theta)
+    if kind == "linear":
+        return Rope(theta, linear_factor=float(rope["factor"]))
+    if kind == "llama3":
+        return Rope(theta, freq_factors=llama3_freq_factors(theta, head_dim, rope))
+    raise ScalpelError(f"rope type {kind!r} is not supported (supported: default, linear, llama3)",
+                       param="rope_parameters.rope_type", code="unsupported_architecture")
+
+
+def llama3_freq_factors(theta: float, head_dim: int, rope: dict) -> np.ndarray:
+    """Llama 3.1's frequency-dependent rope scaling, as divisors of each rotary frequency: high frequencies
+    are kept, low ones divided by `factor`, and the band between is interpolated smoothly."""
+    factor, old_context = float(rope["factor"]), float(rope["original_max_position_embeddings"])
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = np.clip((old_context / wavelen - low) / (high - low), 0.0, 1.0)
+    return (1.0 / ((1 - smooth) / factor + smooth)).astype(np.float32)
+
+
+def _head_dim(config: dict, layout: BaseLayout) -> int:
+    return config.get("head_dim") or config["hidden_size"] // layout.n_head
 
 
 def _write_metadata(writer: gguf.GGUFWriter, config: dict, layout: BaseLayout, outtype: str, name: str) -> None:
     hidden = config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // layout.n_head
+    head_dim = _head_dim(config, layout)
+    rope = rope_from_config(config, head_dim)
     writer.add_name(name)
     writer.add_context_length(config.get("max_position_embeddings", 4096))
     writer.add_embedding_length(hidden)
@@ -60,7 +91,10 @@ def _write_metadata(writer: gguf.GGUFWriter, config: dict, layout: BaseLayout, o
     writer.add_head_count(layout.n_head)
     writer.add_head_count_kv(layout.n_head_kv)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_rope_freq_base(rope.theta)
+    if rope.linear_factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope.linear_factor)
     writer.add_rope_dimension_count(head_dim)
     if head_dim != hidden // layout.n_head:
         writer.add_key_length(head_dim)
@@ -178,6 +212,11 @@ def convert_base(folder: Path, out_path: Path, *, outtype: str = "f16", progress
                 shape = st.get_slice(key).get_shape()
                 name = layout.gguf_name(key)
                 plan.append((f, key, name, choose_type(shape, outtype)))
+    # Tensors that exist only in the GGUF, computed from the config (llama.cpp reads rope_freqs by this name).
+    extra: dict[str, np.ndarray] = {}
+    freq_factors = rope_from_config(config, _head_dim(config, layout)).freq_factors
+    if freq_factors is not None:
+        extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = freq_factors
     names = {p[2] for p in plan}
     if "output.weight" not in names and not config.get("tie_word_embeddings", False):
         raise ScalpelError(f"{folder}: no lm_head weight and tie_word_embeddings is false", param="lm_head")
@@ -193,6 +232,9 @@ def convert_base(folder: Path, out_path: Path, *, outtype: str = "f16", progress
             info_shape, dtype, nbytes = tensor_info(shape, qtype)
             writer.add_tensor_info(name, info_shape, dtype, nbytes, raw_dtype=qtype)
             n_bytes += nbytes
+        for name, data in extra.items():
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
+            n_bytes += data.nbytes
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -205,8 +247,10 @@ def convert_base(folder: Path, out_path: Path, *, outtype: str = "f16", progress
             tensor = handle.get_tensor(key)
             data = tensor.numpy() if tensor.dtype in (torch.float16, torch.float32) else tensor.float().numpy()
             writer.write_tensor_data(encode(layout.permute_rows(data, name), qtype))
+        for data in extra.values():
+            writer.write_tensor_data(data)
         writer.close()
-    return BaseConversion(path=Path(out_path), n_tensors=len(plan), n_bytes=n_bytes)
+    return BaseConversion(path=Path(out_path), n_tensors=len(plan) + len(extra), n_bytes=n_bytes)
 
 
 def convert_to(folder: Path, out_path: Path, outtype: str, *, progress: bool = True) -> Path:

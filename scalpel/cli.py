@@ -103,8 +103,10 @@ def cmd_convert_base(args) -> None:
     if args.verify:
         from conversion.verify import verify
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from training.base_model import match_llama_cpp_spm
         model = AutoModelForCausalLM.from_pretrained(args.source, dtype="float32", use_safetensors=True)
-        report = verify(model, AutoTokenizer.from_pretrained(args.source), path)
+        report = verify(model, match_llama_cpp_spm(AutoTokenizer.from_pretrained(args.source)), path)
         _report_verify(report, args.json)
 
 

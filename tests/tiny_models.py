@@ -39,7 +39,7 @@ def _widen_and_save(model, tokenizer, folder: Path) -> Path:
 
 
 def build_tiny_llama(folder: Path, *, seed: int = 0, n_head: int = 4, n_head_kv: int = 2,
-                     hidden: int = 64, layers: int = 2, tie: bool = False) -> Path:
+                     hidden: int = 64, layers: int = 2, tie: bool = False, rope: dict | None = None) -> Path:
     """Save a random LlamaForCausalLM (safetensors) and a BPE tokenizer into `folder`."""
     torch.manual_seed(seed)
     tokenizer = build_bpe_tokenizer()
@@ -48,6 +48,8 @@ def build_tiny_llama(folder: Path, *, seed: int = 0, n_head: int = 4, n_head_kv:
                          max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tie,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
+    if rope is not None:
+        config.rope_parameters = {"rope_theta": 10000.0, **rope}
     return _widen_and_save(LlamaForCausalLM(config), tokenizer, folder)
 
 

@@ -21,9 +21,27 @@ def _source_kwargs(entry: ModelEntry) -> tuple[Path, dict]:
 def load_tokenizer(entry: ModelEntry):
     enforce_offline()
     folder, kwargs = _source_kwargs(entry)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+    tokenizer = match_llama_cpp_spm(transformers.AutoTokenizer.from_pretrained(folder, **kwargs))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def match_llama_cpp_spm(tokenizer):
+    """Make a SentencePiece tokenizer split text after an added or special token as llama.cpp does.
+
+    llama.cpp gives every text fragment that follows a special token its own '▁' prefix ("a<tok>b" ends
+    in '▁b'); transformers' non-legacy Metaspace prefixes only the first fragment ('b'). Training must
+    see the tokens that serving will feed, so SPM tokenizers get Metaspace(prepend_scheme="always").
+    BPE tokenizers are returned unchanged.
+    """
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first":
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="always",
+                                                         split=pre.split)
     return tokenizer
 
 

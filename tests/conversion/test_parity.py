@@ -62,3 +62,24 @@ def test_adapter_logits_match(tiny_llama, converted, prompt, tmp_path, use_rslor
     convert_lora(tmp_path / "peft", layout_for(converted), gguf_adapter, outtype="f32")
     got = llama_cpp_logits(converted, prompt, lora_path=gguf_adapter)
     assert np.abs(got - expected).max() < 1e-3
+
+
+SCALED_ROPE = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SCALED_ROPE))
+def test_scaled_rope_logits_match(tmp_path, prompt, kind):
+    """Llama 3.1's rope scaling (the rope_freqs tensor) and linear scaling reach llama.cpp intact."""
+    from tests.tiny_models import build_tiny_llama
+    scaled = build_tiny_llama(tmp_path / "scaled", rope=SCALED_ROPE[kind])
+    plain = build_tiny_llama(tmp_path / "plain")
+    out = tmp_path / "scaled.gguf"
+    convert_base(scaled, out, outtype="f32", progress=False)
+    expected = torch_logits(AutoModelForCausalLM.from_pretrained(scaled), prompt)
+    unscaled = torch_logits(AutoModelForCausalLM.from_pretrained(plain), prompt)
+    assert np.abs(expected - unscaled).max() > 1e-2, "the scaling must change the logits"
+    assert np.abs(llama_cpp_logits(out, prompt) - expected).max() < 1e-3

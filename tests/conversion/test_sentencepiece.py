@@ -10,6 +10,7 @@ from conversion.verify import verify
 from scalpel.gguf_meta import read_gguf
 from tests.conversion.test_tokenizer import TRICKY, llama_tokens
 from tests.tiny_models import build_tiny_spm_llama
+from training.base_model import match_llama_cpp_spm
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +33,32 @@ def test_metadata_carries_codellama_specifics(spm_model):
 
 def test_f32_logits_match(spm_model):
     folder, gguf_path = spm_model
-    report = verify(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), gguf_path)
+    report = verify(AutoModelForCausalLM.from_pretrained(folder), _tokenizer(folder), gguf_path)
     assert report.passed and report.max_abs <= 1e-3
 
 
-@pytest.mark.parametrize("text", [t for t in TRICKY if "<|" not in t] + ["<extra_3>"])
+def _tokenizer(folder):
+    return match_llama_cpp_spm(AutoTokenizer.from_pretrained(folder))
+
+
+@pytest.mark.parametrize("text", [t for t in TRICKY if "<|" not in t] + ["<extra_3>", "a<extra_15>b",
+                                                                       "<extra_1><extra_2>x", "x<extra_1>"])
 def test_tokenization_is_identical(spm_model, text):
     folder, gguf_path = spm_model
-    hf = AutoTokenizer.from_pretrained(folder)
-    assert llama_tokens(gguf_path, text) == hf(text, add_special_tokens=False)["input_ids"]
+    assert llama_tokens(gguf_path, text) == _tokenizer(folder)(text, add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.xfail(strict=True, reason="llama.cpp prefixes '▁' to text that follows a special token (the "
-                   "'legacy' SentencePiece rule); transformers 5's tokenizer for a bare .model does not")
-def test_text_after_a_special_token(spm_model):
+def test_text_after_a_special_token_needs_the_alignment(spm_model):
+    """Without match_llama_cpp_spm, transformers' non-legacy SentencePiece drops the '▁' that llama.cpp puts
+    before text following a special token: training would see other tokens than serving feeds."""
     folder, gguf_path = spm_model
-    hf = AutoTokenizer.from_pretrained(folder)
-    assert llama_tokens(gguf_path, "a<extra_15>b") == hf("a<extra_15>b", add_special_tokens=False)["input_ids"]
+    plain = AutoTokenizer.from_pretrained(folder)("a<extra_15>b", add_special_tokens=False)["input_ids"]
+    assert plain != llama_tokens(gguf_path, "a<extra_15>b")
+
+
+def test_the_gguf_loaded_tokenizer_matches_too(spm_model):
+    """Training loads the tokenizer from the GGUF (load_tokenizer); it must agree with llama.cpp as well."""
+    _, gguf_path = spm_model
+    tokenizer = match_llama_cpp_spm(AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name))
+    for text in ["a<extra_15>b", "def f(x):\n    return x", "[INST] hi [/INST]"]:
+        assert llama_tokens(gguf_path, text) == tokenizer(text, add_special_tokens=False)["input_ids"], text

@@ -71,6 +71,18 @@ def test_unsupported_architecture_is_named(tiny_llama, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_unsupported_rope_scaling_is_named(tiny_llama, tmp_path):
+    folder = tmp_path / "yarn"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ScalpelError, match="'yarn'") as err:
+        convert_base(folder, tmp_path / "x.gguf")
+    assert err.value.param == "rope_parameters.rope_type"
+    assert not (tmp_path / "x.gguf").exists()
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_gguf_is_refused_before_llama_cpp(f32_gguf, tmp_path, damage):
     bad = tmp_path / "bad.gguf"
