@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -98,11 +99,33 @@ def new_staging(root: Path) -> Iterator[Path]:
     If anything fails before that, the folder is removed and the store is exactly as it was.
     """
     root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    sweep_staging(root)
+    stage = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=root))
     try:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def sweep_staging(root: Path) -> list[Path]:
+    """Remove staging folders whose process is gone (a run killed with SIGKILL cannot clean up after itself)."""
+    swept = []
+    for stage in root.glob(".staging-*"):
+        pid = stage.name.split("-")[1]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+            swept.append(stage)
+    return swept
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def resolve(ref: str) -> AdapterVersion:

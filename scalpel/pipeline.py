@@ -47,8 +47,13 @@ def _nuclear_mb(layout: BaseLayout) -> float:
 
 def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None = None,
                       model: str | None = None, outtype: str = "f32", max_steps: int | None = None,
-                      progress: bool = True) -> PipelineResult:
-    """Everything is assembled in a staging folder; the store changes only by the final rename."""
+                      progress: bool = True, work_dir: Path | None = None, callbacks: tuple = (),
+                      manifest_extra: dict | None = None) -> PipelineResult:
+    """Everything is assembled in a staging folder; the store changes only by the final rename.
+
+    Without `work_dir`, checkpoints go to a temporary folder that is removed at the end. With one (a
+    job's folder), they stay there, and a run in the same folder resumes from the newest checkpoint.
+    """
     paths.enforce_offline()
     base = model_store.get(model or config.model_name)
     examples = load_examples(data)
@@ -61,11 +66,12 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
     root = adapter_store.root_for_output_dir(config.output_dir)
     parent = adapter_store.active_version(root)
     paths.state_dir().mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="train-", dir=paths.state_dir()))
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="train-", dir=paths.state_dir()))
     try:
         with adapter_store.new_staging(root) as stage:
             result = train(config, base, examples, stage, work, eval_examples=eval_examples,
-                           max_steps=max_steps, progress=progress)
+                           max_steps=max_steps, progress=progress, resume=work_dir is not None,
+                           callbacks=callbacks)
             started = datetime.now(timezone.utc)
             layout = layout_from_gguf(base.gguf_path)
             conversion = adapter_gguf(stage, base, layout, stage / adapter_store.GGUF_NAME, outtype)
@@ -86,6 +92,7 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
                          "modules": conversion.n_modules, "size_bytes": conversion.path.stat().st_size},
                 "data_quality": quality.as_dict(),
                 "eval": None,
+                **(manifest_extra or {}),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             write_report(ReportInputs(
@@ -100,5 +107,6 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
             write_json(stage / adapter_store.MANIFEST_NAME, manifest)
             version = adapter_store.publish(root, stage)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
     return PipelineResult(version, manifest, result.seconds, convert_seconds, quality.warnings)

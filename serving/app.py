@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -20,10 +21,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scalpel import adapter_store
 from scalpel.errors import NotFoundError, ScalpelError
+from scalpel.job_store import JobStore
 from serving.engine import AdapterSet, Engine, GenerationParams, Piece
 from serving.metrics import Metrics
 from serving.queue import Ticket
 from serving.schemas import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, SamplingFields
+from serving.training_routes import training_router
+from training.runner import JobRunner
 
 log = logging.getLogger("scalpel.serving")
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -115,9 +119,24 @@ def is_loopback(host: str) -> bool:
 
 
 def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozenset(), host: str = "127.0.0.1",
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """`host` is where the server listens: beyond loopback, the admin routes always need a key."""
-    app = FastAPI(title="scalpel", version="0.1.0")
+               max_body_bytes: int = MAX_BODY_BYTES, runner: JobRunner | None = None,
+               default_dataset: str | None = None) -> FastAPI:
+    """`host` is where the server listens: beyond loopback, the admin routes always need a key.
+
+    Training jobs run in worker processes started by `runner` (by default one over the home's job
+    database), from when the app starts until it stops.
+    """
+    runner = runner or JobRunner(JobStore())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        runner.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(runner.stop)
+
+    app = FastAPI(title="scalpel", version="0.1.0", lifespan=lifespan)
     _install_error_handlers(app)
     metrics = Metrics(engine)
     started = int(time.time())
@@ -143,12 +162,19 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
 
     guarded, admin = [Depends(client_key)], [Depends(admin_key)]
 
+    def fine_tuned(model: str) -> adapter_store.AdapterVersion:
+        """`ft:<base>:<suffix>:<job id>`, the id a finished fine-tuning job reports, names that job's adapter."""
+        version = adapter_store.resolve(model.rsplit(":", 1)[-1])
+        if version.manifest.get("fine_tuned_model") != model:
+            raise NotFoundError(f"no fine-tuned model {model!r}", param="model", code="model_not_found")
+        return version
+
     def adapter_set(model: str, extra: list | None) -> AdapterSet:
-        """The request's `model` (base, adapter, or adapter@vN) plus any stacked `adapters`."""
+        """The request's `model` (base, adapter, adapter@vN or ft:...) plus any stacked `adapters`."""
         chosen: list[tuple[str, float]] = []
         if model != engine.base.name:
             try:
-                version = adapter_store.resolve(model)
+                version = fine_tuned(model) if model.startswith("ft:") else adapter_store.resolve(model)
             except NotFoundError as exc:
                 raise NotFoundError(f"the model {model!r} does not exist ({exc.message}): use "
                                     f"{engine.base.name!r} or one of the adapters {adapter_store.list_adapters()}",
@@ -166,6 +192,9 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
         for name in adapter_store.list_adapters():
             cards.append(model_card(name, "scalpel-adapter"))
             root = adapter_store.root_for_name(name)
+            with contextlib.suppress(ScalpelError, OSError, ValueError):
+                if ft_id := adapter_store.resolve(name).manifest.get("fine_tuned_model"):
+                    cards.append(model_card(ft_id, "scalpel-fine-tune"))
             cards.extend(model_card(f"{name}@{v}", "scalpel-adapter") for v in adapter_store.versions(root))
         return cards
 
@@ -325,6 +354,8 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
             await anyio.to_thread.run_sync(engine.unload, ref)
         return {"name": name, "unloaded": refs}
 
+    app.include_router(training_router(runner.store, runner, admin=Depends(admin_key), client=Depends(client_key),
+                                       default_dataset=default_dataset))
     return app
 
 

@@ -7,9 +7,11 @@ import logging
 import uvicorn
 
 from scalpel import adapter_store, model_store
+from scalpel.job_store import JobStore
 from serving.app import create_app
 from serving.engine import Engine, EngineSettings
 from serving.settings import ServeSettings
+from training.runner import JobRunner, RunnerSettings
 
 
 def build(settings: ServeSettings):
@@ -19,8 +21,10 @@ def build(settings: ServeSettings):
                                          max_waiting=settings.max_waiting))
     for name in settings.preload:
         engine.load(adapter_store.resolve(name))
+    runner = JobRunner(JobStore(), RunnerSettings(max_concurrent=settings.max_concurrent_jobs))
     return engine, create_app(engine, api_keys=settings.keys(), host=settings.host,
-                              max_body_bytes=settings.max_body_bytes)
+                              max_body_bytes=settings.max_body_bytes, runner=runner,
+                              default_dataset=settings.training_data)
 
 
 def serve(settings: ServeSettings) -> None:

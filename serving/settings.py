@@ -25,6 +25,9 @@ class ServeSettings(BaseSettings):
     preload: list[str] = Field(default_factory=list)
     max_waiting: int = Field(16, ge=0)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # /api/training/start without a dataset trains on this file (a path below SCALPEL_HOME or a file id)
+    training_data: str | None = None
+    max_concurrent_jobs: int = Field(1, ge=1)
 
     def keys(self) -> set[str]:
         keys = set(self.api_keys)

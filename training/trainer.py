@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -14,6 +15,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from scalpel.errors import ScalpelError
 from scalpel.model_store import ModelEntry
@@ -21,6 +23,8 @@ from training.base_model import load_model, load_tokenizer, template_info
 from training.config import TrainConfig
 from training.dataset import IGNORE_INDEX, Example, tokenize_example
 
+log = logging.getLogger("scalpel.training")
+CHECKPOINTS = "checkpoints"  # below the work folder: the Trainer's checkpoint-<step> folders
 
 class TokenizedDataset(torch.utils.data.Dataset):
     def __init__(self, rows: list[dict]):
@@ -142,7 +146,7 @@ def training_arguments(config: TrainConfig, work_dir: Path, *, has_eval: bool,
     tc = config.training_config
     precision = choose_precision(tc.precision)
     return transformers.TrainingArguments(
-        output_dir=str(work_dir / "checkpoints"),
+        output_dir=str(work_dir / CHECKPOINTS),
         num_train_epochs=tc.num_epochs,
         max_steps=max_steps if max_steps else -1,
         per_device_train_batch_size=tc.batch_size,
@@ -154,6 +158,8 @@ def training_arguments(config: TrainConfig, work_dir: Path, *, has_eval: bool,
         logging_first_step=True,
         save_strategy="steps",
         save_steps=tc.save_steps,
+        save_total_limit=2,  # enough to resume from; older checkpoints are removed as training goes
+        include_num_input_tokens_seen="non_padding",
         eval_strategy="steps" if has_eval else "no",
         eval_steps=tc.eval_steps,
         lr_scheduler_type=tc.lr_scheduler_type,
@@ -186,13 +192,31 @@ def _tokenize_all(examples: list[Example], tokenizer, entry: ModelEntry, max_len
                                f"({row['n_tokens']} in all), so nothing of the answer is left to learn",
                                param=ex.where, code="example_too_long")
         rows.append(row)
+    truncated = [r for r in rows if r["truncated"]]
+    if truncated:
+        shown = ", ".join(f"{ex.where} ({r['n_tokens']} tokens)" for ex, r in zip(examples, rows)
+                          if r["truncated"])
+        log.warning("%d of %d examples are longer than max_seq_length=%d and were cut to it: %s",
+                    len(truncated), len(rows), max_length, shown[:2000])
     return rows
+
+
+def last_checkpoint(work_dir: Path) -> Path | None:
+    """The newest complete checkpoint a killed run left in its work folder, if any."""
+    folder = Path(work_dir) / CHECKPOINTS
+    found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    return Path(found) if found else None
 
 
 def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_dir: Path, work_dir: Path, *,
           eval_examples: list[Example] | None = None, max_steps: int | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train, then save the PEFT adapter (safetensors) and the Trainer's log into `out_dir`."""
+          progress: bool = True, resume: bool = False,
+          callbacks: tuple[TrainerCallback, ...] = ()) -> TrainResult:
+    """Train, then save the PEFT adapter (safetensors) and the Trainer's log into `out_dir`.
+
+    With `resume`, a checkpoint left in `work_dir` by a killed run is continued: the step, the optimizer
+    and scheduler state, the RNG state and the position in the data are all restored by the Trainer.
+    """
     started = time.time()
     torch.manual_seed(config.training_config.seed)
     tokenizer = load_tokenizer(entry)
@@ -214,7 +238,12 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossProgress())
-    output = trainer.train()
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    checkpoint = last_checkpoint(work_dir) if resume else None
+    if checkpoint:
+        log.info("resuming from %s", checkpoint.name)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     final_concept_loss = concept_losses(model, eval_rows or rows, collate)
 
     out_dir.mkdir(parents=True, exist_ok=True)
