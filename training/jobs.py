@@ -205,11 +205,13 @@ def submit_fine_tuning_job(store: JobStore, request: FineTuningRequest) -> Job:
     batch_size = _choice(hp.batch_size, min(FT_AUTO_BATCH_SIZE, n_examples), "batch_size", low=1, high=256)
     multiplier = _choice(hp.learning_rate_multiplier, 1.0, "learning_rate_multiplier", low=0.01, high=10)
     job_id = new_id("ftjob")
+    steps = math.ceil(n_examples / int(batch_size)) * n_epochs
+    every = max(1, min(250, steps // 4))  # a checkpoint every quarter of the run: what a kill can cost
     config = TrainConfig(
         model_name=base, lora_config=LoraSettings(),
         training_config=TrainingSettings(num_epochs=n_epochs, batch_size=int(batch_size),
                                          learning_rate=FT_BASE_LEARNING_RATE * multiplier, warmup_steps=0,
-                                         logging_steps=1, save_steps=50, eval_steps=50,
+                                         logging_steps=1, save_steps=every, eval_steps=every,
                                          seed=request.seed if request.seed is not None else 42),
         output_dir=f"./adapters/{job_id}", description=f"OpenAI fine-tuning job {job_id}")
     return store.create(Job(

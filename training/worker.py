@@ -67,7 +67,7 @@ class JobEvents(TrainerCallback):
         if logs and "train_loss" in logs:  # the closing summary (train_runtime is in every log)
             self.store.add_event(self.job_id, f"Training finished: {state.global_step} steps in "
                                  f"{logs['train_runtime']:.1f} s, mean loss {logs.get('train_loss', float('nan')):.4f}",
-                                 data={**data, "train_loss": logs.get("train_loss")})
+                                 type="metrics", data={**data, "train_loss": logs.get("train_loss")})
             return
         shown = ", ".join(f"{k}={data[k]:.4g}" for k in ("loss", "eval_loss", "learning_rate") if k in data)
         self.store.add_event(self.job_id, f"Step {state.global_step}/{state.max_steps}: {shown}",
