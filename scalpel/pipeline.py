@@ -16,7 +16,7 @@ from scalpel import adapter_store, model_store, paths
 from scalpel.atomic import sha256_file, write_json
 from scalpel.errors import ScalpelError
 from training.config import TrainConfig
-from training.dataset import file_hash, load_examples
+from training.dataset import file_hash, load_examples, split_validation
 from training.quality import Finding, check
 from training.report import ReportInputs, write_report
 from training.trainer import train
@@ -63,6 +63,9 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
         raise ScalpelError(f"{first.where}: {first.message} ({len(quality.errors)} errors; see `scalpel data "
                            f"check {data}`)", param=first.where, code="dataset_errors")
     eval_examples = load_examples(eval_data) if eval_data else None
+    share = config.training_config.validation_split
+    if eval_examples is None and share:
+        examples, eval_examples = split_validation(examples, share, config.training_config.seed)
     root = adapter_store.root_for_output_dir(config.output_dir)
     parent = adapter_store.active_version(root)
     paths.state_dir().mkdir(parents=True, exist_ok=True)
@@ -101,7 +104,8 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
                 tokens=result.n_tokens, seconds=result.seconds, peak_rss_mb=_peak_rss_mb(),
                 adapter_mb=conversion.path.stat().st_size / 1e6,
                 nuclear_mb=_nuclear_mb(layout), concept_loss=result.concept_loss,
-                concept_loss_on="eval data" if eval_examples else "training data"), stage)
+                concept_loss_on=("eval data" if eval_data else f"the {len(eval_examples)} held-out examples"
+                                 if eval_examples else "training data")), stage)
             manifest["files"] = {p.name: sha256_file(p) for p in sorted(stage.iterdir()) if p.is_file()}
             manifest["report"] = "report.md"
             write_json(stage / adapter_store.MANIFEST_NAME, manifest)

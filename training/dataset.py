@@ -106,6 +106,19 @@ def load_examples(path: Path) -> list[Example]:
     return examples
 
 
+def split_validation(examples: list[Example], share: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out a seeded share of the examples (at least one, never all) for evaluation."""
+    import random
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(examples) * share)), len(examples) - 1)
+    if n_eval < 1:
+        raise ScalpelError("validation_split needs at least 2 examples", param="training_config.validation_split")
+    held = set(order[:n_eval])
+    return ([ex for i, ex in enumerate(examples) if i not in held],
+            [ex for i, ex in enumerate(examples) if i in held])
+
+
 def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -56,6 +56,51 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def pack_collator() -> transformers.DataCollatorWithFlattening:
+    """Padding-free batches: the examples are laid end to end in one row, positions restart at every example,
+    and transformers turns those positions into a block-diagonal causal mask, so no example attends to
+    another. No compute is spent on padding; the loss is the same token-weighted mean."""
+    return transformers.DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+
+def micro_batching(tc, longest: int) -> tuple[int, int]:
+    """(examples per forward pass, gradient accumulation steps) for a TrainingSettings.
+
+    With packing, a whole optimizer step (batch_size x gradient_accumulation_steps examples) goes through the
+    model as one packed row when it fits in max_seq_length tokens even if every example were the longest.
+    The update is the same (the Trainer weighs accumulated losses by token count, as one batch does); it
+    just comes from fewer, larger matrix products, which is where a CPU or GPU is efficient.
+    """
+    step = tc.batch_size * tc.gradient_accumulation_steps
+    if tc.packing and tc.gradient_accumulation_steps > 1 and step * longest <= tc.max_seq_length:
+        return step, 1
+    return tc.batch_size, tc.gradient_accumulation_steps
+
+
+class AnswerLogitsTrainer(transformers.Trainer):
+    """The HF Trainer, but the vocabulary projection is computed only where a token is learned.
+
+    Loss is taken on answer tokens only, so the logits of prompt positions are never used. On a small
+    model the projection onto a 49k vocabulary is a fifth of the forward pass, so skipping it for the
+    prompt (transformers' `logits_to_keep`) saves real time. The loss is the same token-weighted mean.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        learned = targets != IGNORE_INDEX
+        keep = learned.any(dim=0).nonzero().squeeze(-1)
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+        logits = outputs.logits
+        total = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                  targets[:, keep].reshape(-1), ignore_index=IGNORE_INDEX,
+                                                  reduction="sum")
+        # Over the whole accumulated step when the Trainer counted it (then it is not rescaled), else this batch.
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        loss = total / (num_items_in_batch if num_items_in_batch is not None else learned.sum().clamp(min=1))
+        return (loss, outputs) if return_outputs else loss
+
+
 class LossProgress(ProgressCallback):
     """The Trainer's tqdm bar (steps, rate, ETA) with the latest loss and learning rate on it."""
 
@@ -140,26 +185,30 @@ def choose_precision(requested: str) -> str:
     return "fp32"
 
 
-def training_arguments(config: TrainConfig, work_dir: Path, *, has_eval: bool,
-                       max_steps: int | None = None, progress: bool = True) -> transformers.TrainingArguments:
-    """Every field of the plan's training_config, mapped onto the HF Trainer's arguments."""
+def training_arguments(config: TrainConfig, work_dir: Path, *, has_eval: bool, max_steps: int | None = None,
+                       progress: bool = True, longest: int | None = None) -> transformers.TrainingArguments:
+    """Every field of the plan's training_config, mapped onto the HF Trainer's arguments.
+
+    `longest` is the longest tokenized example; with packing it decides how micro-batches are formed.
+    """
     tc = config.training_config
     precision = choose_precision(tc.precision)
+    micro, accumulate = micro_batching(tc, longest or tc.max_seq_length)
     return transformers.TrainingArguments(
         output_dir=str(work_dir / CHECKPOINTS),
         num_train_epochs=tc.num_epochs,
         max_steps=max_steps if max_steps else -1,
-        per_device_train_batch_size=tc.batch_size,
+        per_device_train_batch_size=micro,
         per_device_eval_batch_size=tc.batch_size,
         learning_rate=tc.learning_rate,
-        gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulate,
         warmup_steps=tc.warmup_steps,
         logging_steps=tc.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
         save_steps=tc.save_steps,
         save_total_limit=2,  # enough to resume from; older checkpoints are removed as training goes
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="all" if tc.packing else "non_padding",  # a packed batch has no padding
         eval_strategy="steps" if has_eval else "no",
         eval_steps=tc.eval_steps,
         lr_scheduler_type=tc.lr_scheduler_type,
@@ -169,6 +218,7 @@ def training_arguments(config: TrainConfig, work_dir: Path, *, has_eval: bool,
         report_to=[],
         disable_tqdm=not progress,
         remove_unused_columns=False,
+        prediction_loss_only=True,  # evaluation needs the loss; the logits kept are only the answers' anyway
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         bf16=precision == "bf16",
@@ -226,13 +276,18 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
         rows = balance_by_concept(rows, config.training_config.seed)
     eval_rows = _tokenize_all(eval_examples, tokenizer, entry, max_len) if eval_examples else None
 
-    model = get_peft_model(load_model(entry), lora_config(config))
+    base_model = load_model(entry)
+    # No KV cache while training. It is useless there, and with one transformers ignores packed positions
+    # and lets packed examples attend to each other.
+    base_model.config.use_cache = False
+    model = get_peft_model(base_model, lora_config(config))
     args = training_arguments(config, work_dir, has_eval=bool(eval_rows), max_steps=max_steps,
-                              progress=progress)
+                              progress=progress, longest=max(len(r["input_ids"]) for r in rows))
     collate = PadCollator(tokenizer.pad_token_id)
-    trainer = transformers.Trainer(
+    trainer = AnswerLogitsTrainer(
         model=model, args=args, train_dataset=TokenizedDataset(rows),
-        eval_dataset=TokenizedDataset(eval_rows) if eval_rows else None, data_collator=collate)
+        eval_dataset=TokenizedDataset(eval_rows) if eval_rows else None,
+        data_collator=pack_collator() if config.training_config.packing else collate)
     if eval_rows:
         trainer.add_callback(ConceptLossOnEval(eval_rows, collate))
     if progress:
