@@ -15,7 +15,7 @@ from typing import Iterator
 
 from scalpel import paths
 from scalpel.atomic import write_json
-from scalpel.errors import NotFoundError, ScalpelError
+from scalpel.errors import ConflictError, NotFoundError, ScalpelError
 
 VERSION_PATTERN = re.compile(r"^v([1-9][0-9]*)$")
 GGUF_NAME = "adapter.gguf"
@@ -71,11 +71,69 @@ def active_version(root: Path) -> str | None:
     return json.loads(f.read_text(encoding="utf-8"))["version"]
 
 
-def set_active(root: Path, version: str) -> None:
+def activation_history(root: Path) -> list[dict]:
+    """Every switch of the active pointer, oldest first: {version, at, reason}."""
+    f = root / ACTIVE_NAME
+    if not f.is_file():
+        return []
+    data = json.loads(f.read_text(encoding="utf-8"))
+    return data.get("history") or [{"version": data["version"], "at": data.get("updated_at"), "reason": None}]
+
+
+def set_active(root: Path, version: str, reason: str = "published") -> None:
+    """Point the name at `version` (one atomic rename), and record the switch in the pointer's history."""
     if version not in versions(root):
         raise NotFoundError(f"adapter {root.name!r} has no version {version}", param="version")
-    write_json(root / ACTIVE_NAME, {"version": version,
-                                    "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    history = activation_history(root) + [{"version": version, "at": now, "reason": reason}]
+    write_json(root / ACTIVE_NAME, {"version": version, "updated_at": now, "history": history[-200:]})
+
+
+def promote(name: str, version: str) -> str:
+    """Make an existing version the live one; returns the version it replaced."""
+    root = _existing_root(name)
+    previous = active_version(root)
+    set_active(root, version, reason=f"promoted (was {previous})")
+    return previous
+
+
+def rollback(name: str, to: str | None = None) -> tuple[str, str]:
+    """Go back to `to`, or to the version that was live before the current one. Returns (from, to)."""
+    root = _existing_root(name)
+    current = active_version(root)
+    if to is None:
+        earlier = [h["version"] for h in activation_history(root)[:-1]
+                   if h["version"] != current and h["version"] in versions(root)]
+        if not earlier:
+            raise ConflictError(f"adapter {name!r} has no earlier live version to roll back to; "
+                                f"use --to (versions: {', '.join(versions(root))})", param="to",
+                                code="nothing_to_roll_back")
+        to = earlier[-1]
+    if to == current:
+        raise ConflictError(f"{name}@{to} is already live", param="to", code="already_active")
+    set_active(root, to, reason=f"rolled back from {current}")
+    return current, to
+
+
+def delete_version(name: str, version: str) -> None:
+    """Remove one version for good. The live version is refused: promote or roll back first."""
+    root = _existing_root(name)
+    if version not in versions(root):
+        raise NotFoundError(f"adapter {name!r} has no version {version!r}", param="version")
+    if version == active_version(root):
+        raise ConflictError(f"{name}@{version} is the live version; promote or roll back to another one "
+                            "before deleting it", param="version", code="version_active")
+    # Renamed away first, so the store never shows a half-deleted version.
+    doomed = root / f".deleted-{version}-{os.getpid()}"
+    (root / version).rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def _existing_root(name: str) -> Path:
+    root = root_for_name(name)
+    if not versions(root):
+        raise NotFoundError(f"adapter {name!r} is not in the store", param="name", code="adapter_not_found")
+    return root
 
 
 def publish(root: Path, staged: Path, *, activate: bool = True) -> AdapterVersion:

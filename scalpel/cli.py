@@ -241,6 +241,78 @@ def cmd_data_check(args) -> None:
         raise ScalpelError(f"{args.file}: {len(report.errors)} errors", code="dataset_errors")
 
 
+def cmd_adapters_list(args) -> None:
+    from scalpel import adapter_store
+    rows = []
+    for name in adapter_store.list_adapters():
+        root = adapter_store.root_for_name(name)
+        rows.append({"name": name, "active": adapter_store.active_version(root),
+                     "versions": adapter_store.versions(root)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows or [{"name": "(no adapters)", "active": "", "versions": []}]:
+        print(f"{row['name']:<40} live {row['active'] or '-':<5} versions {', '.join(row['versions'])}")
+
+
+def cmd_adapters_show(args) -> None:
+    from scalpel import adapter_store
+    version = adapter_store.resolve(args.ref)
+    manifest = version.manifest
+    if args.json:
+        print(json.dumps({"ref": version.ref, "path": str(version.path), "manifest": manifest}, indent=2))
+        return
+    root = adapter_store.root_for_name(version.name)
+    metrics = manifest.get("metrics") or {}
+    print(f"{version.ref}  ({'live' if adapter_store.active_version(root) == version.version else 'not live'})")
+    print(f"  base      {manifest['base']['name']} ({manifest['base']['fingerprint'][:12]})")
+    print(f"  parent    {manifest.get('parent_version') or '-'}    created {manifest.get('created_at')}")
+    print(f"  data      " + ", ".join(f"{k} {v['sha256'][:12]}" for k, v in manifest.get("datasets", {}).items()))
+    print(f"  training  {metrics.get('examples')} examples, {metrics.get('global_step')} steps, final loss "
+          f"{metrics.get('final_loss', float('nan')):.4f}")
+    print(f"  gguf      {manifest['gguf']['size_bytes'] / 1e6:.2f} MB ({manifest['gguf']['outtype']})")
+    if manifest.get("eval"):
+        print(f"  eval      {json.dumps(manifest['eval'])[:200]}")
+    for h in adapter_store.activation_history(root)[-5:]:
+        print(f"  history   {h['at']}  {h['version']}  {h.get('reason') or ''}")
+
+
+def cmd_adapters_promote(args) -> None:
+    from scalpel import adapter_store
+    previous = adapter_store.promote(args.name, args.version)
+    print(f"{args.name}: {previous} -> {args.version} (live)")
+
+
+def cmd_adapters_rollback(args) -> None:
+    from scalpel import adapter_store
+    before, after = adapter_store.rollback(args.name, args.to)
+    print(f"{args.name}: {before} -> {after} (live)")
+
+
+def cmd_adapters_diff(args) -> None:
+    from scalpel.version_diff import diff
+    result = diff(args.name, args.a, args.b)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{args.name}: {args.a} -> {args.b}")
+    for section in ("config", "datasets", "metrics", "eval"):
+        for key, change in result[section].items():
+            print(f"  {section}.{key}: {change['from']} -> {change['to']}")
+    w = result["weights"]
+    if w["comparable"]:
+        print(f"  weights: LoRA update changed by {w['mean_relative_change']:.1%} on average "
+              f"(max {w['max_relative_change']:.1%}) over {w['modules']} modules")
+    else:
+        print("  weights: different module sets")
+
+
+def cmd_adapters_delete(args) -> None:
+    from scalpel import adapter_store
+    adapter_store.delete_version(args.name, args.version)
+    print(f"deleted {args.name}@{args.version}")
+
+
 def _jobs_client(args):
     from scalpel.jobs_client import JobsClient
     return JobsClient(args.url, args.api_key)
@@ -376,6 +448,34 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true", help="treat warnings as errors")
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=cmd_data_check)
+
+    adapters = sub.add_parser("adapters", help="the adapter registry: versions, the live pointer, history")
+    adapters_sub = adapters.add_subparsers(dest="action", required=True)
+    a_list = adapters_sub.add_parser("list", help="adapters with their live version and all versions")
+    a_list.add_argument("--json", action="store_true")
+    a_list.set_defaults(func=cmd_adapters_list)
+    a_show = adapters_sub.add_parser("show", help="one version's manifest (NAME for the live one, NAME@vN)")
+    a_show.add_argument("ref")
+    a_show.add_argument("--json", action="store_true")
+    a_show.set_defaults(func=cmd_adapters_show)
+    a_promote = adapters_sub.add_parser("promote", help="make a version live (a running server follows)")
+    a_promote.add_argument("name")
+    a_promote.add_argument("version")
+    a_promote.set_defaults(func=cmd_adapters_promote)
+    a_rollback = adapters_sub.add_parser("rollback", help="go back to the previously live version (or --to vN)")
+    a_rollback.add_argument("name")
+    a_rollback.add_argument("--to")
+    a_rollback.set_defaults(func=cmd_adapters_rollback)
+    a_diff = adapters_sub.add_parser("diff", help="config, data, metrics, eval and weight changes between versions")
+    a_diff.add_argument("name")
+    a_diff.add_argument("a")
+    a_diff.add_argument("b")
+    a_diff.add_argument("--json", action="store_true")
+    a_diff.set_defaults(func=cmd_adapters_diff)
+    a_delete = adapters_sub.add_parser("delete", help="delete one version for good (never the live one)")
+    a_delete.add_argument("name")
+    a_delete.add_argument("version")
+    a_delete.set_defaults(func=cmd_adapters_delete)
 
     jobs = sub.add_parser("jobs", help="training jobs on a running server (scalpel serve)")
     jobs_sub = jobs.add_subparsers(dest="action", required=True)

@@ -19,13 +19,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scalpel import adapter_store
+from scalpel import adapter_store, version_diff
 from scalpel.errors import NotFoundError, ScalpelError
 from scalpel.job_store import JobStore
 from serving.engine import AdapterSet, Engine, GenerationParams, Piece
 from serving.metrics import Metrics
 from serving.queue import Ticket
-from serving.schemas import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, SamplingFields
+from serving.schemas import (ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, RollbackRequest,
+                             SamplingFields, VersionRequest)
 from serving.training_routes import training_router
 from training.runner import JobRunner
 
@@ -343,6 +344,27 @@ def create_app(engine: Engine, *, api_keys: set[str] | frozenset[str] = frozense
         default_scales[name] = body.scale
         return {"name": name, "version": version.version, "ref": loaded_ref, "loaded": True, "scale": body.scale,
                 "size_bytes": version.gguf.stat().st_size}
+
+    @app.post("/api/adapters/{name}/promote", dependencies=admin)
+    async def promote_adapter(name: str, body: VersionRequest):
+        previous = await anyio.to_thread.run_sync(adapter_store.promote, name, body.version)
+        return {**adapter_info(name), "previous_version": previous}
+
+    @app.post("/api/adapters/{name}/rollback", dependencies=admin)
+    async def rollback_adapter(name: str, body: RollbackRequest | None = None):
+        before, _ = await anyio.to_thread.run_sync(adapter_store.rollback, name, body.to if body else None)
+        return {**adapter_info(name), "previous_version": before}
+
+    @app.get("/api/adapters/{name}/diff", dependencies=admin)
+    async def diff_adapter(name: str, a: str, b: str):
+        return await anyio.to_thread.run_sync(version_diff.diff, name, a, b)
+
+    @app.delete("/api/adapters/{name}/versions/{version}", dependencies=admin)
+    async def delete_adapter_version(name: str, version: str):
+        await anyio.to_thread.run_sync(adapter_store.delete_version, name, version)
+        for ref in [r for r in engine.loaded() if r == f"{name}@{version}"]:
+            await anyio.to_thread.run_sync(engine.unload, ref)
+        return {"name": name, "version": version, "deleted": True}
 
     @app.post("/api/adapters/{name}/unload", dependencies=admin)
     async def unload_adapter(name: str, body: LoadAdapterRequest | None = None):

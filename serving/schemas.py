@@ -109,3 +109,13 @@ class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str | None = None
     scale: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+class VersionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(pattern=r"^v[1-9][0-9]*$")
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str | None = Field(None, pattern=r"^v[1-9][0-9]*$")

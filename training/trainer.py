@@ -223,10 +223,19 @@ def training_arguments(config: TrainConfig, work_dir: Path, *, has_eval: bool, m
         dataloader_pin_memory=torch.cuda.is_available(),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=tc.gradient_checkpointing,
-        # PEFT freezes the embeddings, so checkpointed blocks need inputs that require grad.
-        gradient_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
+        **_checkpointing(tc.gradient_checkpointing),
     )
+
+
+def _checkpointing(enabled: bool) -> dict:
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; use whichever exists."""
+    if not enabled:
+        return {}
+    import inspect
+    name = ("activation_checkpointing" if "activation_checkpointing" in
+            inspect.signature(transformers.TrainingArguments).parameters else "gradient_checkpointing")
+    # PEFT freezes the embeddings, so checkpointed blocks need inputs that require grad.
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def _tokenize_all(examples: list[Example], tokenizer, entry: ModelEntry, max_length: int) -> list[dict]:
