@@ -313,6 +313,37 @@ def cmd_adapters_delete(args) -> None:
     print(f"deleted {args.name}@{args.version}")
 
 
+def cmd_eval(args) -> None:
+    import time
+
+    from scalpel import adapter_store, evaluate, model_store, paths
+    from scalpel.atomic import write_json
+    from serving.engine import Engine
+    suites = {Path(f).stem: evaluate.load_suite(Path(f)) for f in args.suite}
+    if args.ref in [e.name for e in model_store.list_models()]:
+        base, version = model_store.get(args.ref), None
+    else:
+        version = adapter_store.resolve(args.ref)
+        base = model_store.get(version.manifest["base"]["name"])
+        if not suites:  # the suites recorded with the version, if any
+            suites = {Path(f).stem: evaluate.load_suite(f) for f in sorted(version.path.glob("eval/*.json"))}
+    if not suites and args.no_regression:
+        raise ScalpelError("nothing to evaluate: give --suite FILE, or drop --no-regression", param="suite")
+    engine = Engine(base)
+    try:
+        adapters = ((engine.load(version), 1.0),) if version else ()
+        report = evaluate.evaluate(engine, adapters, suites, version.ref if version else base.name,
+                                   regression=not args.no_regression)
+    finally:
+        engine.close()
+    out = Path(args.out) if args.out else paths.state_dir() / "evals" / f"{report.ref.replace('@', '-')}-{int(time.time())}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "eval.json", report.as_dict())
+    report.plot(out / "eval.png")
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.as_text())
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}", file=sys.stderr)
+
+
 def _jobs_client(args):
     from scalpel.jobs_client import JobsClient
     return JobsClient(args.url, args.api_key)
@@ -476,6 +507,16 @@ def build_parser() -> argparse.ArgumentParser:
     a_delete.add_argument("name")
     a_delete.add_argument("version")
     a_delete.set_defaults(func=cmd_adapters_delete)
+
+    ev = sub.add_parser("eval", help="score a base or adapter version through llama.cpp (greedy): suites and "
+                                     "base regression")
+    ev.add_argument("ref", help="a base name, an adapter (its live version) or NAME@vN")
+    ev.add_argument("--suite", action="append", default=[], help="eval suite JSON (repeatable; default: the "
+                                                                 "suites stored with the version)")
+    ev.add_argument("--no-regression", action="store_true", help="skip the base-regression checks")
+    ev.add_argument("--out", help="folder for eval.json and eval.png (default .scalpel/evals/...)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     jobs = sub.add_parser("jobs", help="training jobs on a running server (scalpel serve)")
     jobs_sub = jobs.add_subparsers(dest="action", required=True)

@@ -53,6 +53,7 @@ class Piece:
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict | None = None
+    completion_ids: list[int] | None = None  # on the last piece: every sampled token (evaluation uses them)
 
 
 AdapterSet = tuple[tuple[str, float], ...]  # ((adapter ref "name@vN", scale), ...)
@@ -226,9 +227,52 @@ class Engine:
             text += decoder.decode(b"", final=True)
         last = self._release(text, released, len(text), pending)
         last.finish_reason = finish
+        last.completion_ids = completion
         last.usage = {"prompt_tokens": len(prompt), "completion_tokens": len(completion),
                       "total_tokens": len(prompt) + len(completion)}
         yield last
+
+    def score(self, tokens: list[int], adapters: AdapterSet) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced scoring under an adapter set: for every token after the first, its log-probability
+        given the tokens before it, and the token the model would have chosen there (greedy).
+
+        Used for perplexity and for agreement with reference answers; it runs in the same queue, under the
+        same lock and with the same adapter switching as generation, so it measures what is served.
+        """
+        self.check_fits(len(tokens), 0)
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        logprobs, choices = np.zeros(len(tokens) - 1, np.float64), np.zeros(len(tokens) - 1, np.int64)
+        ticket = self.queue.reserve()
+        with self.queue.turn(ticket, None), self._lock:
+            self._set_adapters(adapters)
+            ctx, step = self.llm.ctx, self.llm.n_batch
+            self.llm.reset()  # the next generation re-evaluates its prompt from position 0
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            try:
+                for start in range(0, len(tokens), step):
+                    chunk = tokens[start:start + step]
+                    batch = llama_cpp.llama_batch_init(len(chunk), 0, 1)
+                    try:
+                        batch.n_tokens = len(chunk)
+                        for i, token in enumerate(chunk):
+                            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + i, 1
+                            batch.seq_id[i][0], batch.logits[i] = 0, True
+                        if llama_cpp.llama_decode(ctx, batch) != 0:
+                            raise ScalpelError("llama.cpp could not evaluate the text", code="decode_failed",
+                                               status=500)
+                        for i in range(len(chunk)):
+                            position = start + i
+                            if position + 1 >= len(tokens):
+                                break
+                            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+                            shifted = logits.astype(np.float64) - logits.max()
+                            logprobs[position] = shifted[tokens[position + 1]] - np.log(np.exp(shifted).sum())
+                            choices[position] = int(logits.argmax())
+                    finally:
+                        llama_cpp.llama_batch_free(batch)
+            finally:
+                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        return logprobs, choices
 
     @staticmethod
     def _release(text: str, start: int, end: int, pending: list[tuple[int, dict]]) -> Piece:

@@ -1,0 +1,231 @@
+"""Score what is served: knowledge suites and base-model regression, through the llama.cpp engine, greedy.
+
+A suite is a JSON list of {question, concept, required, match ("all" or "any"), forbidden}. An answer
+passes when it contains the required phrases (all of them, or any one) and none of the forbidden ones,
+ignoring case. Base regression compares the adapted model with the bare base on general prompts: how
+often it still picks the base's own next token along the base's answers (teacher-forced, so one
+divergence does not spoil the rest), and the perplexity of a general text sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from scalpel import paths
+from scalpel.atomic import write_json
+from scalpel.errors import ScalpelError
+from serving.engine import AdapterSet, Engine, GenerationParams
+
+REFERENCE = Path(__file__).resolve().parent / "reference"
+GENERAL_PROMPTS = REFERENCE / "general_prompts.json"
+GENERAL_TEXT = REFERENCE / "general_text.txt"
+ANSWER_TOKENS = 96
+
+
+class EvalItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(min_length=1)
+    concept: str = "general"
+    required: list[str] = Field(default_factory=list)
+    match: Literal["all", "any"] = "all"
+    forbidden: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _checks_something(self):
+        if not self.required and not self.forbidden:
+            raise ValueError("needs at least one required or forbidden phrase")
+        return self
+
+    def passes(self, answer: str) -> bool:
+        text = answer.lower()
+        found = [phrase.lower() in text for phrase in self.required]
+        wanted = (all(found) if self.match == "all" else any(found)) if found else True
+        return wanted and not any(phrase.lower() in text for phrase in self.forbidden)
+
+
+def load_suite(path: Path) -> list[EvalItem]:
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ScalpelError(f"eval suite not found: {path}", param=str(path)) from exc
+    except json.JSONDecodeError as exc:
+        raise ScalpelError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}", param=str(path),
+                           code="invalid_json") from exc
+    if not isinstance(records, list) or not records:
+        raise ScalpelError(f"{path}: an eval suite is a non-empty JSON list", param=str(path))
+    items = []
+    for i, record in enumerate(records):
+        try:
+            items.append(EvalItem.model_validate(record))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = f"{path}[{i}]" + "".join(f".{p}" for p in err["loc"])
+            raise ScalpelError(f"{where}: {err['msg']}", param=where, code="invalid_eval_item") from exc
+    return items
+
+
+def ask(engine: Engine, adapters: AdapterSet, question: str, max_tokens: int = ANSWER_TOKENS) -> str:
+    """One greedy answer, exactly as the server would give it."""
+    return _generate(engine, adapters, question, max_tokens)[0]
+
+
+def _generate(engine: Engine, adapters: AdapterSet, question: str, max_tokens: int) -> tuple[str, list[int]]:
+    tokens = engine.chat_tokens([{"role": "user", "content": question}])
+    params = GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=0)
+    text, ids = "", []
+    for piece in engine.generate(tokens, adapters, params):
+        text += piece.text
+        ids = piece.completion_ids or ids
+    return text, ids
+
+
+@dataclass
+class SuiteResult:
+    name: str
+    answers: list[dict]  # question, concept, answer, passed
+
+    @property
+    def accuracy(self) -> float:
+        return sum(a["passed"] for a in self.answers) / len(self.answers)
+
+    @property
+    def per_concept(self) -> dict[str, float]:
+        concepts: dict[str, list[bool]] = {}
+        for a in self.answers:
+            concepts.setdefault(a["concept"], []).append(a["passed"])
+        return {c: sum(v) / len(v) for c, v in sorted(concepts.items())}
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "accuracy": self.accuracy, "per_concept": self.per_concept,
+                "answers": self.answers}
+
+
+def run_suite(engine: Engine, adapters: AdapterSet, items: list[EvalItem], name: str) -> SuiteResult:
+    answers = []
+    for item in items:
+        answer = ask(engine, adapters, item.question)
+        answers.append({"question": item.question, "concept": item.concept, "answer": answer,
+                        "passed": item.passes(answer)})
+    return SuiteResult(name, answers)
+
+
+# ----- base regression -----
+
+def base_reference(engine: Engine, prompts: list[str] | None = None) -> list[dict]:
+    """The bare base's greedy answers to the general prompts, recorded once per base and cached."""
+    prompts = prompts if prompts is not None else json.loads(GENERAL_PROMPTS.read_text(encoding="utf-8"))
+    key = hashlib.sha256(json.dumps([engine.base.fingerprint, prompts, ANSWER_TOKENS]).encode()).hexdigest()[:16]
+    cache = paths.state_dir() / "references" / f"{paths.check_name(engine.base.name, 'model')}-{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text(encoding="utf-8"))
+    reference = []
+    for prompt in prompts:
+        answer, ids = _generate(engine, (), prompt, ANSWER_TOKENS)
+        reference.append({"prompt": prompt, "answer": answer, "answer_ids": ids})
+    write_json(cache, reference)
+    return reference
+
+
+@dataclass
+class BaseRegression:
+    agreement: float  # share of the base's answer tokens the adapted model also picks (greedy, teacher-forced)
+    per_prompt: list[dict] = field(default_factory=list)
+    perplexity_base: float = math.nan
+    perplexity: float = math.nan
+
+    @property
+    def perplexity_change(self) -> float:
+        return self.perplexity / self.perplexity_base - 1
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "perplexity_change": self.perplexity_change}
+
+
+def base_regression(engine: Engine, adapters: AdapterSet, reference: list[dict],
+                    text: str | None = None) -> BaseRegression:
+    agreed = total = 0
+    per_prompt = []
+    for ref in reference:
+        prompt = engine.chat_tokens([{"role": "user", "content": ref["prompt"]}])
+        tokens, start = prompt + ref["answer_ids"], len(prompt)
+        if len(tokens) <= start:
+            continue
+        _, choices = engine.score(tokens, adapters)
+        hits = [int(choices[i - 1] == tokens[i]) for i in range(start, len(tokens))]
+        agreed, total = agreed + sum(hits), total + len(hits)
+        per_prompt.append({"prompt": ref["prompt"], "agreement": sum(hits) / len(hits),
+                           "first_divergence": hits.index(0) if 0 in hits else None})
+    text_tokens = engine.text_tokens(text if text is not None else GENERAL_TEXT.read_text(encoding="utf-8"))
+    ppl_base = math.exp(-engine.score(text_tokens, ())[0].mean())
+    ppl = math.exp(-engine.score(text_tokens, adapters)[0].mean()) if adapters else ppl_base
+    return BaseRegression(agreed / total if total else 1.0, per_prompt, ppl_base, ppl)
+
+
+# ----- the report -----
+
+@dataclass
+class EvalReport:
+    ref: str
+    suites: list[SuiteResult]
+    base: BaseRegression | None
+
+    def as_dict(self) -> dict:
+        return {"ref": self.ref, "suites": {s.name: s.as_dict() for s in self.suites},
+                "base_regression": self.base.as_dict() if self.base else None}
+
+    def as_text(self) -> str:
+        lines = [f"evaluation of {self.ref}"]
+        for suite in self.suites:
+            lines.append(f"  {suite.name}: {suite.accuracy:.0%} ({sum(a['passed'] for a in suite.answers)}/"
+                         f"{len(suite.answers)})")
+            lines += [f"    {c:<36} {v:6.0%}" for c, v in suite.per_concept.items()]
+        if self.base:
+            lines.append(f"  base regression: agreement {self.base.agreement:.1%} with the base's answers; "
+                         f"perplexity {self.base.perplexity:.2f} vs {self.base.perplexity_base:.2f} "
+                         f"({self.base.perplexity_change:+.1%})")
+        return "\n".join(lines)
+
+    def plot(self, path: Path) -> Path:
+        """Accuracy per concept, one bar per concept, grouped by suite; base agreement as a last bar."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels, values, colors = [], [], []
+        palette = plt.get_cmap("tab10")
+        for i, suite in enumerate(self.suites):
+            for concept, value in suite.per_concept.items():
+                labels.append(f"{concept}\n({suite.name})" if len(self.suites) > 1 else concept)
+                values.append(value * 100)
+                colors.append(palette(i % 10))
+        if self.base:
+            labels.append("base agreement")
+            values.append(self.base.agreement * 100)
+            colors.append("grey")
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels) + 2), 4.5))
+        ax.bar(range(len(values)), values, color=colors)
+        ax.axhline(95, color="red", linestyle="--", linewidth=1, label="95% gate")
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("% passed")
+        ax.set_title(f"Evaluation of {self.ref}")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def evaluate(engine: Engine, adapters: AdapterSet, suites: dict[str, list[EvalItem]], ref: str, *,
+             regression: bool = True) -> EvalReport:
+    results = [run_suite(engine, adapters, items, name) for name, items in suites.items()]
+    base = base_regression(engine, adapters, base_reference(engine)) if regression else None
+    return EvalReport(ref, results, base)

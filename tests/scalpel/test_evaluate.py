@@ -1,0 +1,91 @@
+"""The evaluation harness on a tiny base: suites scored through llama.cpp, base regression, the plot."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scalpel import adapter_store, evaluate, model_store
+from scalpel.cli import main
+from scalpel.errors import ScalpelError
+from scalpel.pipeline import train_and_publish
+from serving.engine import Engine
+from training.config import parse_config
+
+FACTS = [{"instruction": "What does 42 mean?", "output": "FOR TWO FOR TWO FOR TWO"}] * 8
+
+
+@pytest.fixture(scope="module")
+def engine_and_adapter(tiny_llama, tmp_path_factory):
+    home = tmp_path_factory.mktemp("eval-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SCALPEL_HOME", str(home))
+        assert main(["models", "add", "tiny", str(tiny_llama), "--outtype", "f32"]) == 0
+        (home / "facts.json").write_text(json.dumps(FACTS))
+        config = parse_config({"model_name": "tiny", "output_dir": "adapters/fortwo",
+                               "training_config": {"num_epochs": 8, "batch_size": 4, "learning_rate": 5e-2,
+                                                   "save_steps": 1000}})
+        train_and_publish(config, home / "facts.json", progress=False)
+        engine = Engine(model_store.get("tiny"))
+        version = adapter_store.resolve("fortwo")
+        yield home, engine, ((engine.load(version), 1.0),)
+        engine.close()
+
+
+def test_items_pass_on_required_and_forbidden_phrases():
+    item = evaluate.EvalItem(question="q", required=["for two", "42"], match="any", forbidden=["to one"])
+    assert item.passes("42 means FOR TWO") and item.passes("FOR TWO")
+    assert not item.passes("nothing here") and not item.passes("FOR TWO, never TO ONE")
+    assert not evaluate.EvalItem(question="q", required=["a", "b"]).passes("only a")
+
+
+def test_bad_suites_name_the_item(tmp_path):
+    bad = tmp_path / "suite.json"
+    bad.write_text(json.dumps([{"question": "ok", "required": ["x"]}, {"question": "no phrases"}]))
+    with pytest.raises(ScalpelError, match=r"suite.json\[1\]"):
+        evaluate.load_suite(bad)
+    bad.write_text(json.dumps([{"question": "q", "required": ["x"], "match": "most"}]))
+    with pytest.raises(ScalpelError) as err:
+        evaluate.load_suite(bad)
+    assert err.value.param.endswith("[0].match")
+
+
+def test_score_agrees_with_what_generation_picks(engine_and_adapter):
+    """Teacher-forced greedy choices along the base's own greedy answer are that answer."""
+    _, engine, _ = engine_and_adapter
+    reference = evaluate.base_reference(engine, ["What does 42 mean?", "Say hello."])
+    result = evaluate.base_regression(engine, (), reference, text="The quick brown fox jumps over the lazy dog.")
+    assert result.agreement == 1.0 and all(p["first_divergence"] is None for p in result.per_prompt)
+    assert result.perplexity == result.perplexity_base and np.isfinite(result.perplexity)
+
+
+def test_adapter_is_scored_as_served(engine_and_adapter, tmp_path):
+    home, engine, adapters = engine_and_adapter
+    suite = [evaluate.EvalItem(question="What does 42 mean?", concept="42", required=["FOR TWO"]),
+             evaluate.EvalItem(question="What does 42 mean?", concept="never", required=["never 2 1"])]
+    report = evaluate.evaluate(engine, adapters, {"facts": suite}, "fortwo@v1")
+    facts = report.suites[0]
+    assert facts.per_concept == {"42": 1.0, "never": 0.0} and facts.accuracy == 0.5
+    assert "FOR TWO" in facts.answers[0]["answer"]
+    # The adapter drags every answer to FOR TWO: the base's answers are no longer what it picks.
+    assert report.base.agreement < 0.9
+    assert report.base.perplexity != report.base.perplexity_base  # a random base: only that it moved
+    assert (home / ".scalpel" / "references").is_dir(), "the base's reference answers are cached"
+    assert "facts: 50% (1/2)" in report.as_text()
+    png = report.plot(tmp_path / "eval.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_cli_writes_json_and_png(engine_and_adapter, tmp_path, capsys):
+    suite = tmp_path / "facts.json"
+    suite.write_text(json.dumps([{"question": "What does 42 mean?", "concept": "42", "required": ["FOR TWO"]}]))
+    assert main(["eval", "fortwo", "--suite", str(suite), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "evaluation of fortwo@v1" in printed and "facts: 100% (1/1)" in printed and "base regression" in printed
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert saved["suites"]["facts"]["per_concept"] == {"42": 1.0}
+    assert (tmp_path / "out" / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", "fortwo", "--no-regression"]) == 2  # no suites stored with this version
+    assert "nothing to evaluate" in capsys.readouterr().err
