@@ -59,8 +59,13 @@ def cmd_train(args) -> None:
     from scalpel.pipeline import train_and_publish
     from training.config import load_config
     config = load_config(Path(args.config))
+    if args.suite:
+        from scalpel.evaluate import load_suite
+        for suite in args.suite:
+            load_suite(Path(suite))  # a bad suite fails now, not after training
     result = train_and_publish(config, Path(args.data), eval_data=Path(args.eval_data) if args.eval_data else None,
-                               model=args.model, outtype=args.outtype, max_steps=args.max_steps)
+                               model=args.model, outtype=args.outtype, max_steps=args.max_steps,
+                               eval_suites=tuple(Path(s) for s in args.suite))
     m = result.manifest
     for finding in result.warnings:
         print(f"data warning: {finding.where}: {finding.message} [{finding.code}]", file=sys.stderr)
@@ -344,6 +349,34 @@ def cmd_eval(args) -> None:
     print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}", file=sys.stderr)
 
 
+def cmd_update(args) -> None:
+    from scalpel.update import UpdateSettings, run_inbox, run_update
+    if bool(args.data) == bool(args.inbox):
+        raise ScalpelError("give either --data FILE (with an optional --eval) or --inbox DIR", param="data")
+    values = {"replay_ratio": args.replay_ratio, "preservation_ratio": args.preservation_ratio,
+              "num_epochs": args.epochs, "learning_rate": args.learning_rate,
+              "min_retention": args.min_retention, "min_new_knowledge": args.min_new_knowledge,
+              "min_base_agreement": args.min_base_agreement}
+    try:
+        settings = UpdateSettings(**{k: v for k, v in values.items() if v is not None})
+    except ValueError as exc:
+        raise ScalpelError(f"invalid update setting: {exc}", param="settings") from exc
+    if args.inbox:
+        results = run_inbox(args.name, Path(args.inbox), settings=settings)
+    else:
+        results = [run_update(args.name, Path(args.data), eval_suite=Path(args.eval) if args.eval else None,
+                              settings=settings)]
+    for r in results:
+        print(f"{r.version.ref}: {'live' if r.promoted else 'kept, not live'} after {r.seconds:.0f} s")
+        for name, suite in r.eval["suites"].items():
+            print(f"  {name:<40} {suite['accuracy']:6.0%}")
+        base = r.eval.get("base_regression")
+        if base:
+            print(f"  {'base agreement':<40} {base['agreement']:6.1%}   perplexity {base['perplexity_change']:+.1%}")
+        for reason in r.reasons:
+            print(f"  gate failed: {reason}")
+
+
 def _jobs_client(args):
     from scalpel.jobs_client import JobsClient
     return JobsClient(args.url, args.api_key)
@@ -412,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", help="base to train on instead of the config's model_name")
     train.add_argument("--outtype", choices=OUTTYPES, default="f32", help="GGUF type of the adapter")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    train.add_argument("--suite", action="append", default=[],
+                       help="eval suite kept with the version: later updates must retain it (repeatable)")
     train.set_defaults(func=cmd_train)
 
     convert = sub.add_parser("convert", help="GGUF conversion").add_subparsers(dest="what", required=True)
@@ -507,6 +542,22 @@ def build_parser() -> argparse.ArgumentParser:
     a_delete.add_argument("name")
     a_delete.add_argument("version")
     a_delete.set_defaults(func=cmd_adapters_delete)
+
+    up = sub.add_parser("update", help="the evening update: continue the live version on new knowledge, "
+                                       "with replay and base preservation, promote only past the gates")
+    up.add_argument("name", help="the adapter to update (its live version is the starting point)")
+    up.add_argument("--data", help="the new knowledge file")
+    up.add_argument("--eval", help="eval suite for the new knowledge (kept with the version)")
+    up.add_argument("--inbox", help="process every knowledge file in this folder (NAME.eval.json beside each), "
+                                    "then archive it")
+    up.add_argument("--replay-ratio", type=float, help="earlier examples replayed per new example (default 1)")
+    up.add_argument("--preservation-ratio", type=float, help="base-model answers per new example (default 0.5)")
+    up.add_argument("--epochs", type=float, help="default: the live version's num_epochs")
+    up.add_argument("--learning-rate", type=float, help="default: the live version's learning_rate")
+    up.add_argument("--min-retention", type=float, help="gate on earlier suites (default 0.95)")
+    up.add_argument("--min-new-knowledge", type=float, help="gate on the new suite (default 0.95)")
+    up.add_argument("--min-base-agreement", type=float, help="gate on base regression (default 0.95)")
+    up.set_defaults(func=cmd_update)
 
     ev = sub.add_parser("eval", help="score a base or adapter version through llama.cpp (greedy): suites and "
                                      "base regression")

@@ -29,6 +29,7 @@ class PipelineResult:
     train_seconds: float
     convert_seconds: float
     warnings: list[Finding]
+    promoted: bool = True
 
 
 def adapter_gguf(peft_dir: Path, base: model_store.ModelEntry, layout: BaseLayout, out: Path, outtype: str = "f32"):
@@ -48,11 +49,19 @@ def _nuclear_mb(layout: BaseLayout) -> float:
 def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None = None,
                       model: str | None = None, outtype: str = "f32", max_steps: int | None = None,
                       progress: bool = True, work_dir: Path | None = None, callbacks: tuple = (),
-                      manifest_extra: dict | None = None) -> PipelineResult:
+                      manifest_extra: dict | None = None, init_adapter: Path | None = None,
+                      keep_files: dict[str, Path] | None = None, eval_suites: tuple[Path, ...] = (),
+                      gate=None) -> PipelineResult:
     """Everything is assembled in a staging folder; the store changes only by the final rename.
 
     Without `work_dir`, checkpoints go to a temporary folder that is removed at the end. With one (a
     job's folder), they stay there, and a run in the same folder resumes from the newest checkpoint.
+
+    `keep_files` ({"data/train.json": path, ...}) are copied into the version (by default the training and
+    eval data), so later updates can replay them; `eval_suites` are copied into its eval/ folder, so later
+    updates check that this version's knowledge is retained. `gate(staged_version)` evaluates the staged version
+    before it is published and returns (eval results, promote?); a version that fails its gate is kept
+    in the store but not made live.
     """
     paths.enforce_offline()
     base = model_store.get(model or config.model_name)
@@ -74,7 +83,7 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
         with adapter_store.new_staging(root) as stage:
             result = train(config, base, examples, stage, work, eval_examples=eval_examples,
                            max_steps=max_steps, progress=progress, resume=work_dir is not None,
-                           callbacks=callbacks)
+                           callbacks=callbacks, init_adapter=init_adapter)
             started = datetime.now(timezone.utc)
             layout = layout_from_gguf(base.gguf_path)
             conversion = adapter_gguf(stage, base, layout, stage / adapter_store.GGUF_NAME, outtype)
@@ -106,11 +115,22 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
                 nuclear_mb=_nuclear_mb(layout), concept_loss=result.concept_loss,
                 concept_loss_on=("eval data" if eval_data else f"the {len(eval_examples)} held-out examples"
                                  if eval_examples else "training data")), stage)
-            manifest["files"] = {p.name: sha256_file(p) for p in sorted(stage.iterdir()) if p.is_file()}
+            kept = keep_files if keep_files is not None else {
+                f"data/train{Path(data).suffix or '.json'}": Path(data),
+                **({f"data/eval{Path(eval_data).suffix or '.json'}": Path(eval_data)} if eval_data else {})}
+            kept.update({f"eval/{Path(suite).name}": Path(suite) for suite in eval_suites})
+            for relative, source in kept.items():
+                (stage / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, stage / relative)
+            promote = True
+            if gate is not None:
+                manifest["eval"], promote = gate(adapter_store.AdapterVersion(root.name, "staged", stage))
+            manifest["files"] = {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*"))
+                                 if p.is_file()}
             manifest["report"] = "report.md"
             write_json(stage / adapter_store.MANIFEST_NAME, manifest)
-            version = adapter_store.publish(root, stage)
+            version = adapter_store.publish(root, stage, activate=promote)
     finally:
         if work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    return PipelineResult(version, manifest, result.seconds, convert_seconds, quality.warnings)
+    return PipelineResult(version, manifest, result.seconds, convert_seconds, quality.warnings, promote)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -269,12 +269,14 @@ def last_checkpoint(work_dir: Path) -> Path | None:
 
 def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_dir: Path, work_dir: Path, *,
           eval_examples: list[Example] | None = None, max_steps: int | None = None,
-          progress: bool = True, resume: bool = False,
-          callbacks: tuple[TrainerCallback, ...] = ()) -> TrainResult:
+          progress: bool = True, resume: bool = False, callbacks: tuple[TrainerCallback, ...] = (),
+          init_adapter: Path | None = None) -> TrainResult:
     """Train, then save the PEFT adapter (safetensors) and the Trainer's log into `out_dir`.
 
     With `resume`, a checkpoint left in `work_dir` by a killed run is continued: the step, the optimizer
     and scheduler state, the RNG state and the position in the data are all restored by the Trainer.
+    With `init_adapter` (a PEFT folder, such as the live version of an adapter), training continues from
+    its weights instead of a fresh LoRA; its rank and modules are kept.
     """
     started = time.time()
     torch.manual_seed(config.training_config.seed)
@@ -289,7 +291,10 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
     # No KV cache while training. It is useless there, and with one transformers ignores packed positions
     # and lets packed examples attend to each other.
     base_model.config.use_cache = False
-    model = get_peft_model(base_model, lora_config(config))
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(base_model, str(init_adapter), is_trainable=True)
+    else:
+        model = get_peft_model(base_model, lora_config(config))
     args = training_arguments(config, work_dir, has_eval=bool(eval_rows), max_steps=max_steps,
                               progress=progress, longest=max(len(r["input_ids"]) for r in rows))
     collate = PadCollator(tokenizer.pad_token_id)

@@ -1,0 +1,248 @@
+"""The evening update: continue the live adapter on new knowledge, replay and base preservation, then gate.
+
+1. Train from the live version's weights on the new examples, plus a seeded sample of every earlier
+   version's data (replay), plus the base model's own answers to general prompts (base preservation,
+   generated once per base and cached), so new knowledge does not overwrite old knowledge or the base's
+   skills.
+2. Evaluate the staged version through llama.cpp: the new suite, every earlier version's suites
+   (retention) and base regression.
+3. Publish it as the next version either way (versions are never lost), but make it live only if every
+   gate passes; otherwise the current version stays live and the manifest says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from scalpel import adapter_store, evaluate, model_store, paths
+from scalpel.errors import ConflictError, ScalpelError
+from scalpel.pipeline import train_and_publish
+from serving.engine import Engine
+from training.config import parse_config
+from training.dataset import Example, load_examples
+from training.quality import check
+
+PRESERVATION_PROMPTS = evaluate.REFERENCE / "preservation_prompts.json"
+PRESERVATION_CONCEPT = "base_preservation"
+
+
+class UpdateSettings(BaseModel):
+    """How an update trains and which gates it must pass (the defaults are the plan's)."""
+    model_config = ConfigDict(extra="forbid")
+    replay_ratio: float = Field(1.0, ge=0)        # earlier examples per new example
+    preservation_ratio: float = Field(0.5, ge=0)  # base-model answers per new example
+    num_epochs: float | None = Field(None, gt=0)  # default: the live version's config
+    learning_rate: float | None = Field(None, gt=0, lt=1)
+    min_new_knowledge: float = Field(0.95, ge=0, le=1)
+    min_retention: float = Field(0.95, ge=0, le=1)
+    min_base_agreement: float = Field(0.95, ge=0, le=1)
+    max_perplexity_increase: float = Field(0.10, ge=0)
+    gates: bool = True  # False: promote whatever comes out (the naive baseline of bench/evenings.py)
+    seed: int = 0
+
+
+@dataclass
+class UpdateResult:
+    version: adapter_store.AdapterVersion
+    promoted: bool
+    reasons: list[str]        # why it was not promoted (empty when it was)
+    eval: dict
+    seconds: float
+
+
+@contextlib.contextmanager
+def update_lock(name: str) -> Iterator[None]:
+    """One update per adapter at a time, across processes; the lock dies with its process."""
+    folder = paths.state_dir() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"update-{paths.check_name(name, 'adapter')}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            handle.seek(0)
+            raise ConflictError(f"another update of {name!r} is running ({handle.read().strip()})",
+                                param="name", code="update_running") from exc
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+        handle.flush()
+        yield
+
+
+def lineage(version: adapter_store.AdapterVersion) -> list[adapter_store.AdapterVersion]:
+    """This version and its ancestors (parent_version links), newest first."""
+    chain, seen = [version], {version.version}
+    while (parent := chain[-1].manifest.get("parent_version")) and parent not in seen:
+        seen.add(parent)
+        chain.append(adapter_store.resolve(f"{version.name}@{parent}"))
+    return chain
+
+
+def _version_examples(version: adapter_store.AdapterVersion) -> list[Example]:
+    """The new data a version was trained on (kept in its data/ folder; replayed examples are not in it)."""
+    examples = []
+    for f in sorted(version.path.glob("data/train*")):
+        examples += [e for e in load_examples(f) if e.concept != PRESERVATION_CONCEPT]
+    return examples
+
+
+def preservation_examples(engine: Engine) -> list[dict]:
+    """The base's own greedy answers to general prompts, as chat examples (cached per base)."""
+    prompts = json.loads(PRESERVATION_PROMPTS.read_text(encoding="utf-8"))
+    reference = evaluate.base_reference(engine, prompts)
+    return [{"messages": [{"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": r["answer"]}], "concept": PRESERVATION_CONCEPT}
+            for r in reference if r["answer"].strip()]
+
+
+def _as_record(example: Example) -> dict:
+    return {"messages": example.messages, "concept": example.concept}
+
+
+def gate_decision(report: evaluate.EvalReport, new_suite: str | None, settings: UpdateSettings) -> list[str]:
+    """Every gate that failed, in words; an empty list means promote."""
+    if not settings.gates:
+        return []
+    reasons = []
+    for suite in report.suites:
+        is_new = suite.name == new_suite
+        need = settings.min_new_knowledge if is_new else settings.min_retention
+        if suite.accuracy < need:
+            reasons.append(f"{'new knowledge' if is_new else 'retention'} {suite.name}: {suite.accuracy:.0%} < "
+                           f"{need:.0%} (failed: {', '.join(sorted({a['concept'] for a in suite.answers if not a['passed']}))})")
+    if report.base is not None:
+        if report.base.agreement < settings.min_base_agreement:
+            reasons.append(f"base agreement {report.base.agreement:.1%} < {settings.min_base_agreement:.0%}")
+        if report.base.perplexity_change > settings.max_perplexity_increase:
+            reasons.append(f"perplexity on general text +{report.base.perplexity_change:.1%} > "
+                           f"+{settings.max_perplexity_increase:.0%}")
+    return reasons
+
+
+def run_update(name: str, data: Path, *, eval_suite: Path | None = None, settings: UpdateSettings | None = None,
+               progress: bool = True, log=print) -> UpdateResult:
+    """Train NAME's next version on `data` and promote it only if it passes every gate."""
+    settings = settings or UpdateSettings()
+    begun = time.time()
+    with update_lock(name):
+        live = adapter_store.resolve(name)
+        base = model_store.get(live.manifest["base"]["name"])
+        new = load_examples(Path(data))
+        quality = check(new)
+        if quality.errors:
+            first = quality.errors[0]
+            raise ScalpelError(f"{first.where}: {first.message}", param=first.where, code="dataset_errors")
+        new_items = evaluate.load_suite(eval_suite) if eval_suite else None
+
+        chain = lineage(live)
+        earlier = [e for v in chain for e in _version_examples(v)]
+        rng = random.Random(settings.seed)
+        replay = rng.sample(earlier, min(len(earlier), round(settings.replay_ratio * len(new))))
+        engine = Engine(base)
+        try:
+            preserve = preservation_examples(engine) if settings.preservation_ratio else []
+            preserve = rng.sample(preserve, min(len(preserve), round(settings.preservation_ratio * len(new))))
+            log(f"update {name}: {len(new)} new examples, {len(replay)} replayed from {len(chain)} version(s), "
+                f"{len(preserve)} base-preservation examples; continuing from {live.ref}")
+
+            suites: dict[str, list[evaluate.EvalItem]] = {}
+            for v in reversed(chain):  # oldest first, as the knowledge was added
+                for f in sorted(v.path.glob("eval/*.json")):
+                    suites.setdefault(f.stem, evaluate.load_suite(f))
+            new_suite = Path(eval_suite).stem if eval_suite else None
+            if new_items is not None:
+                suites[new_suite] = new_items
+
+            def gate(staged: adapter_store.AdapterVersion) -> tuple[dict, bool]:
+                log(f"evaluating the new version through llama.cpp: {len(suites)} suite(s) and base regression")
+                report = evaluate.evaluate(engine, ((engine.load(staged), 1.0),), suites, f"{name}@next")
+                reasons = gate_decision(report, new_suite, settings)
+                report.plot(staged.path / "eval.png")
+                return {**report.as_dict(), "gates": settings.model_dump(), "promoted": not reasons,
+                        "reasons": reasons}, not reasons
+
+            config = live.manifest["config"]
+            overrides = {k: v for k, v in (("num_epochs", settings.num_epochs),
+                                           ("learning_rate", settings.learning_rate)) if v is not None}
+            config = parse_config({**config, "training_config": {**config["training_config"], **overrides}})
+            work = Path(tempfile.mkdtemp(prefix="update-", dir=paths.state_dir()))
+            try:
+                mixed = work / "train.jsonl"
+                records = [_as_record(e) for e in new + replay] + preserve
+                random.Random(settings.seed).shuffle(records)
+                mixed.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+                keep = {f"data/train{Path(data).suffix or '.json'}": Path(data)}
+                result = train_and_publish(config, mixed, model=base.name, init_adapter=live.path, progress=progress,
+                                           keep_files=keep, eval_suites=(Path(eval_suite),) if eval_suite else (),
+                                           gate=gate, manifest_extra={"update": {
+                                               "new_data": str(Path(data).resolve()), "new_examples": len(new),
+                                               "replayed": len(replay), "preservation": len(preserve),
+                                               "from": live.ref}})
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        finally:
+            engine.close()
+    outcome = result.manifest["eval"]
+    update = UpdateResult(result.version, result.promoted, outcome["reasons"], outcome, time.time() - begun)
+    _record(name, update)
+    log(f"{result.version.ref}: {'promoted, now live' if update.promoted else 'NOT promoted; ' + live.ref + ' stays live'}"
+        + ("" if update.promoted else " (" + "; ".join(update.reasons) + ")"))
+    return update
+
+
+def _record(name: str, update: UpdateResult) -> None:
+    """One JSON line per update in .scalpel/updates.jsonl: what ran, when, and what it decided."""
+    line = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "adapter": name,
+            "version": update.version.version, "promoted": update.promoted, "reasons": update.reasons,
+            "seconds": round(update.seconds, 1),
+            "suites": {k: v["accuracy"] for k, v in update.eval["suites"].items()},
+            "base_agreement": (update.eval.get("base_regression") or {}).get("agreement")}
+    paths.state_dir().mkdir(parents=True, exist_ok=True)
+    with open(paths.state_dir() / "updates.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def run_inbox(name: str, inbox: Path, *, settings: UpdateSettings | None = None, progress: bool = True,
+              log=print) -> list[UpdateResult]:
+    """Process every knowledge file in `inbox` (oldest first), each with its `<stem>.eval.json` suite if there
+    is one, then move it to inbox/archive/<time>/ (or inbox/rejected/<time>/ with the error when it failed)."""
+    inbox = Path(inbox)
+    if not inbox.is_dir():
+        raise ScalpelError(f"inbox {inbox} is not a folder", param="inbox")
+    files = sorted((f for f in inbox.iterdir() if f.is_file() and f.suffix in (".json", ".jsonl")
+                    and not f.name.endswith(".eval.json")), key=lambda f: (f.stat().st_mtime, f.name))
+    results = []
+    for f in files:
+        suite = f.with_name(f"{f.stem}.eval.json")
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        try:
+            results.append(run_update(name, f, eval_suite=suite if suite.is_file() else None, settings=settings,
+                                      progress=progress, log=log))
+            target = inbox / "archive" / stamp
+        except ConflictError:
+            raise
+        except ScalpelError as exc:
+            log(f"{f.name}: rejected: {exc.message}")
+            target = inbox / "rejected" / stamp
+            target.mkdir(parents=True, exist_ok=True)
+            (target / f"{f.name}.error.txt").write_text(exc.message + "\n", encoding="utf-8")
+        target.mkdir(parents=True, exist_ok=True)
+        for moved in (f, suite):
+            if moved.is_file():
+                moved.rename(target / moved.name)
+    if not files:
+        log(f"inbox {inbox}: nothing to do")
+    return results

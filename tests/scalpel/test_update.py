@@ -1,0 +1,117 @@
+"""The evening update on a tiny base: replay, gates, rejection, the inbox, the lock, and a kill mid-update."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scalpel import adapter_store
+from scalpel.cli import main
+from scalpel.errors import ConflictError
+from scalpel.pipeline import train_and_publish
+from scalpel.update import UpdateSettings, run_inbox, run_update, update_lock
+from training.config import parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+FOUNDATION = [{"instruction": f"What does 42 mean, take {i}?", "output": "FOR TWO.", "concept": "42"}
+              for i in range(6)]
+EVENING = [{"instruction": f"What is PDCA, take {i}?", "output": "Plan Do Check Act.", "concept": "pdca"}
+           for i in range(6)]
+OPEN_GATES = UpdateSettings(gates=False, preservation_ratio=0.5, replay_ratio=1.0)
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture()
+def foundation(home, tiny_llama):
+    assert main(["models", "add", "tiny", str(tiny_llama), "--outtype", "f32"]) == 0
+    config = parse_config({"model_name": "tiny", "output_dir": "adapters/know",
+                           "lora_config": {"r": 4, "lora_alpha": 8},
+                           "training_config": {"num_epochs": 3, "batch_size": 4, "learning_rate": 3e-2,
+                                               "save_steps": 1000}})
+    suite = write(home / "foundation.json", [{"question": "What does 42 mean?", "concept": "42",
+                                              "required": ["FOR TWO"]}])
+    train_and_publish(config, write(home / "found.json", FOUNDATION), progress=False, eval_suites=(suite,))
+    write(home / "evening.json", EVENING)
+    write(home / "evening_suite.json", [{"question": "What is PDCA?", "concept": "pdca", "required": ["Plan"]}])
+    return adapter_store.root_for_name("know")
+
+
+def test_an_update_replays_old_data_and_keeps_every_suite(foundation, home):
+    result = run_update("know", home / "evening.json", eval_suite=home / "evening_suite.json", settings=OPEN_GATES,
+                        progress=False, log=lambda *_: None)
+    assert result.promoted and adapter_store.active_version(foundation) == "v2"
+    manifest = result.version.manifest
+    assert manifest["parent_version"] == "v1"
+    assert manifest["update"]["replayed"] == 6 and manifest["update"]["preservation"] == 3
+    assert set(manifest["eval"]["suites"]) == {"foundation", "evening_suite"}
+    assert manifest["eval"]["base_regression"]["agreement"] is not None
+    assert (result.version.path / "eval" / "evening_suite.json").is_file()
+    assert json.loads((result.version.path / "data" / "train.json").read_text()) == EVENING, "only the new data"
+    assert (result.version.path / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    log = (home / ".scalpel" / "updates.jsonl").read_text().splitlines()
+    assert json.loads(log[-1])["version"] == "v2" and json.loads(log[-1])["promoted"]
+
+
+def test_a_rejected_update_leaves_the_live_version_serving(foundation, home):
+    impossible = write(home / "impossible.json", [{"question": "What is PDCA?", "concept": "pdca",
+                                                   "required": ["a phrase the model never says"]}])
+    result = run_update("know", home / "evening.json", eval_suite=impossible, progress=False, log=lambda *_: None,
+                        settings=UpdateSettings(min_base_agreement=0.0, max_perplexity_increase=100.0))
+    assert not result.promoted
+    assert any(r.startswith("new knowledge impossible: 0%") for r in result.reasons)
+    assert adapter_store.active_version(foundation) == "v1", "the live version did not change"
+    assert adapter_store.versions(foundation) == ["v1", "v2"], "the rejected version is kept as a record"
+    assert result.version.manifest["eval"]["promoted"] is False
+    assert adapter_store.resolve("know").version == "v1"
+
+
+def test_the_lock_refuses_a_second_update(foundation, home):
+    with update_lock("know"):
+        with pytest.raises(ConflictError, match="another update"):
+            run_update("know", home / "evening.json", progress=False, log=lambda *_: None)
+
+
+def test_the_inbox_processes_archives_and_rejects(foundation, home):
+    inbox = home / "inbox"
+    inbox.mkdir()
+    write(inbox / "evening.json", EVENING)
+    write(inbox / "evening.eval.json", [{"question": "What is PDCA?", "concept": "pdca", "required": ["Plan"]}])
+    (inbox / "broken.jsonl").write_text('{"instruction": "q"}\n')
+    os.utime(inbox / "broken.jsonl", (time.time() + 5, time.time() + 5))  # processed second
+    results = run_inbox("know", inbox, settings=OPEN_GATES, progress=False, log=lambda *_: None)
+    assert [r.version.version for r in results] == ["v2"]
+    assert not [f for f in inbox.iterdir() if f.is_file()], "every file left the inbox"
+    archived = list((inbox / "archive").rglob("*.json"))
+    assert {f.name for f in archived} == {"evening.json", "evening.eval.json"}
+    errors = list((inbox / "rejected").rglob("*.error.txt"))
+    assert len(errors) == 1 and "output" in errors[0].read_text()
+
+
+def test_a_kill_during_an_update_leaves_the_registry_consistent(foundation, home):
+    before = (adapter_store.versions(foundation), adapter_store.active_version(foundation))
+    env = {**os.environ, "SCALPEL_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "scalpel.cli", "update", "know", "--data",
+                             str(home / "evening.json"), "--epochs", "300"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(foundation.glob(".staging-*")):  # training has begun once the version is being staged
+        assert time.time() < deadline and proc.poll() is None, "the update never started training"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (adapter_store.versions(foundation), adapter_store.active_version(foundation)) == before
+    assert adapter_store.resolve("know").version == "v1"
+    # The next update sweeps the dead run's staging folder and its lock is free again.
+    result = run_update("know", home / "evening.json", settings=OPEN_GATES, progress=False, log=lambda *_: None)
+    assert result.version.version == "v2" and not list(foundation.glob(".staging-*"))
