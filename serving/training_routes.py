@@ -132,6 +132,20 @@ def training_router(store: JobStore, runner: JobRunner, *, admin: object, client
                         model=model, max_steps=max_steps)
         return {**plan_job_view(store, job), "job_id": job.id}
 
+    @router.post("/api/adapters/{name}/update", dependencies=[admin])
+    async def update_adapter(name: str, request: Request):
+        """The evening update as a job: {"dataset": FILE_OR_ID, "eval_suite": FILE_OR_ID?, "settings": {...}?}."""
+        body = await _json_body(request)
+        unknown = set(body) - {"dataset", "eval_suite", "settings"}
+        if unknown:
+            raise ScalpelError(f"unknown fields {sorted(unknown)}; expected dataset, eval_suite, settings",
+                               param=sorted(unknown)[0])
+        if not body.get("dataset"):
+            raise ScalpelError("dataset is required (a path below SCALPEL_HOME or a file id)", param="dataset")
+        job = await run(jobs.submit_update_job, store, name, dataset=body["dataset"],
+                        eval_suite=body.get("eval_suite"), settings=body.get("settings"))
+        return {**plan_job_view(store, job), "job_id": job.id}
+
     @router.get("/api/training/jobs", dependencies=[admin])
     async def list_jobs(status: str | None = None, limit: int = 100):
         found = await run(store.list, status=status, limit=limit)

@@ -221,3 +221,33 @@ def submit_fine_tuning_job(store: JobStore, request: FineTuningRequest) -> Job:
         hyperparameters={"n_epochs": n_epochs, "batch_size": int(batch_size),
                          "learning_rate_multiplier": multiplier},
         fine_tuned_model=f"ft:{base}:{request.suffix or ''}:{job_id}"))
+
+
+# ----- the evening update over HTTP -----
+
+def submit_update_job(store: JobStore, name: str, *, dataset: str, eval_suite: str | None = None,
+                      settings: dict | None = None) -> Job:
+    """POST /api/adapters/{name}/update: `scalpel update` as a job (validated now, run by a worker)."""
+    from pydantic import ValidationError as SettingsError
+
+    from scalpel.evaluate import load_suite
+    from scalpel.update import UpdateSettings
+
+    live = adapter_store.resolve(name)
+    train_path = resolve_dataset(store, dataset, "dataset")
+    validate_dataset(train_path, "dataset")
+    suite_path = resolve_dataset(store, eval_suite, "eval_suite") if eval_suite else None
+    if suite_path:
+        try:
+            load_suite(suite_path)
+        except ScalpelError as exc:
+            raise ScalpelError(exc.message, param="eval_suite", code=exc.code) from exc
+    try:
+        parsed = UpdateSettings.model_validate(settings or {})
+    except SettingsError as exc:
+        err = exc.errors()[0]
+        where = "settings." + ".".join(str(p) for p in err["loc"])
+        raise ScalpelError(f"{where}: {err['msg']}", param=where) from exc
+    return store.create(Job(id=new_id("update"), kind="update", status="queued",
+                            model=live.manifest["base"]["name"], adapter=name, config=parsed.model_dump(),
+                            training_file=str(train_path), validation_file=str(suite_path) if suite_path else None))

@@ -95,9 +95,34 @@ class EventLog(logging.Handler):
         self.store.add_event(self.job_id, record.getMessage(), level="warn")
 
 
+def run_update_job(store: JobStore, job) -> int:
+    """An evening update: its outcome (promoted or kept back by a gate) is the job's result."""
+    from scalpel.update import UpdateSettings, run_update
+
+    store.add_event(job.id, f"Update of {job.adapter} started (worker pid {os.getpid()})")
+    try:
+        result = run_update(job.adapter, Path(job.training_file),
+                            eval_suite=Path(job.validation_file) if job.validation_file else None,
+                            settings=UpdateSettings.model_validate(job.config), progress=False,
+                            log=lambda message: store.add_event(job.id, message))
+    except ScalpelError as exc:
+        store.finish(job.id, "failed", message=f"Update failed: {exc.message}", level="error",
+                     error={"message": exc.message, "code": exc.code or "update_failed", "param": exc.param})
+        return 1
+    store.finish(job.id, "succeeded", version=result.version.version,
+                 message=f"{result.version.ref} {'is live' if result.promoted else 'was kept back: ' + '; '.join(result.reasons)}",
+                 result={"version": result.version.version, "ref": result.version.ref, "promoted": result.promoted,
+                         "reasons": result.reasons, "seconds": result.seconds,
+                         "suites": {k: v["accuracy"] for k, v in result.eval["suites"].items()},
+                         "base_regression": result.eval.get("base_regression")})
+    return 0
+
+
 def run(job_id: str, store: JobStore | None = None) -> int:
     store = store or JobStore()
     job = store.get(job_id)
+    if job.kind == "update":
+        return run_update_job(store, job)
     work = job_dir(job_id)
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = last_checkpoint(work)

@@ -196,3 +196,27 @@ def test_scalpel_jobs_cli(server, tmp_path, capsys):
     assert "already succeeded" in capsys.readouterr().err
     assert cli(["jobs", "list", "--url", "http://127.0.0.1:9"]) == 2
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_the_evening_update_over_http(server):
+    config = json.loads(PLAN_CONFIG.read_text())
+    config["output_dir"] = "./adapters/to_update"
+    first = httpx.post(f"{root(server)}/api/training/start", params={"max_steps": 2}, json=config, timeout=30).json()
+    assert wait_final(lambda: httpx.get(f"{root(server)}/api/training/jobs/{first['job_id']}").json())["status"] \
+        == "succeeded"
+    (server.home / "pdca.eval.json").write_text(json.dumps([{"question": "Fact 1?", "required": ["FOR TWO"]}]))
+    bad = httpx.post(f"{root(server)}/api/adapters/to_update/update",
+                     json={"dataset": "knowledge.json", "settings": {"replay_ratio": -1}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "settings.replay_ratio"
+    missing = httpx.post(f"{root(server)}/api/adapters/nobody/update", json={"dataset": "knowledge.json"})
+    assert missing.status_code == 404
+    started = httpx.post(f"{root(server)}/api/adapters/to_update/update", timeout=30,
+                         json={"dataset": "knowledge.json", "eval_suite": "pdca.eval.json",
+                               "settings": {"gates": False}})
+    assert started.status_code == 200, started.text
+    job = wait_final(lambda: httpx.get(f"{root(server)}/api/training/jobs/{started.json()['job_id']}").json())
+    assert job["status"] == "succeeded", job
+    assert job["result"]["promoted"] and job["result"]["version"] == "v2"
+    assert set(job["result"]["suites"]) == {"pdca.eval"}
+    info = httpx.get(f"{root(server)}/api/adapters/to_update").json()
+    assert info["active_version"] == "v2" and info["manifest"]["update"]["from"] == "to_update@v1"

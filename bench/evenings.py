@@ -1,0 +1,152 @@
+"""Benchmark: ten evenings of updates on the default model, starting from one foundation adapter.
+
+Two arms, in the same run, from the same foundation version:
+  scalpel  `scalpel update` as shipped: replay of earlier data, base-preservation examples, gates on;
+  naive    plain sequential retraining: new data only, no replay, no preservation, always promoted.
+After every update, every suite so far is scored through llama.cpp (greedy), plus base regression.
+Writes, per arm, the retention matrix (concept x version) as CSV and both arms as one heatmap PNG, the
+base-regression figures and wall time per update, and a summary JSON.
+
+    .venv/bin/python bench/evenings.py [--evenings 10] [--out bench/results/evenings]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+EVENINGS = ROOT / "examples" / "evenings"
+
+
+def _foundation(home: Path) -> str:
+    from scalpel import model_store
+    from scalpel.pipeline import train_and_publish
+    from training.config import load_config
+
+    base = model_store.ensure_default()
+    config = load_config(ROOT / "examples" / "demo_config.json").model_copy(
+        update={"output_dir": "./adapters/evenings_scalpel"})
+    result = train_and_publish(config, EVENINGS / "foundation.json", model=base.name,
+                               eval_suites=(EVENINGS / "foundation.eval.json",), progress=False)
+    # The naive arm starts from a byte-identical copy of the same foundation version.
+    shutil.copytree(result.version.path.parent, home / "adapters" / "evenings_naive")
+    return result.version.ref
+
+
+def _row(arm: str, evening: int, result, seconds: float) -> dict:
+    ev = result.eval
+    base = ev.get("base_regression") or {}
+    concepts = {}
+    for suite in ev["suites"].values():
+        concepts.update(suite["per_concept"])
+    return {"arm": arm, "evening": evening, "version": result.version.version, "promoted": result.promoted,
+            "reasons": result.reasons, "seconds": seconds, "concepts": concepts,
+            "base_agreement": base.get("agreement"), "perplexity_change": base.get("perplexity_change")}
+
+
+def _live_matrix(rows: list[dict], concepts: list[str]) -> list[list[float | None]]:
+    """Per concept, the accuracy of the version that was live after each evening (a rejected version's
+    scores are not what users got: the previous live version's scores carry over)."""
+    matrix, live = [], {}
+    for row in rows:
+        if row["promoted"]:
+            live = row["concepts"]
+        matrix.append([live.get(c) for c in concepts])
+    return [list(col) for col in zip(*matrix)] if matrix else []
+
+
+def _heatmap(arms: dict[str, list[dict]], concepts: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(arms), figsize=(6 * len(arms), 0.45 * len(concepts) + 2), squeeze=False)
+    for ax, (arm, rows) in zip(axes[0], arms.items()):
+        grid = np.array([[np.nan if v is None else v * 100 for v in row] for row in _live_matrix(rows, concepts)])
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(rows)), [f"e{r['evening']}" + ("" if r["promoted"] else "*") for r in rows])
+        ax.set_yticks(range(len(concepts)), concepts, fontsize=8)
+        ax.set_title(f"{arm}: accuracy of the live version (%)\n(* = update rejected, previous version live)")
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--evenings", type=int, default=10)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "evenings"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    home = out / "home"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    os.environ["SCALPEL_HOME"] = str(home)
+    from scalpel.update import UpdateSettings, run_update
+
+    started = time.time()
+    foundation = _foundation(home)
+    print(f"foundation {foundation} in {time.time() - started:.0f} s", flush=True)
+    settings = {"scalpel": UpdateSettings(),
+                "naive": UpdateSettings(gates=False, replay_ratio=0, preservation_ratio=0)}
+    arms: dict[str, list[dict]] = {arm: [] for arm in settings}
+    files = sorted(f for f in EVENINGS.glob("evening*.json") if not f.name.endswith(".eval.json"))[:args.evenings]
+    for evening, data in enumerate(files, 1):
+        suite = data.with_name(f"{data.stem}.eval.json")
+        for arm, arm_settings in settings.items():
+            t = time.time()
+            result = run_update(f"evenings_{arm}", data, eval_suite=suite, settings=arm_settings, progress=False,
+                                log=lambda *_: None)
+            row = _row(arm, evening, result, time.time() - t)
+            arms[arm].append(row)
+            worst = min(row["concepts"].values())
+            print(f"evening {evening:2d} {arm:8} {row['version']:>4} {'live' if row['promoted'] else 'REJECTED':8} "
+                  f"{row['seconds']:5.0f} s  worst concept {worst:4.0%}  base agreement "
+                  f"{row['base_agreement']:.1%}  ppl {row['perplexity_change']:+.1%}"
+                  + ("" if row["promoted"] else f"  ({'; '.join(row['reasons'])[:160]})"), flush=True)
+        (out / "rows.json").write_text(json.dumps(arms, indent=1))
+
+    concepts = list(dict.fromkeys(c for rows in arms.values() for r in rows for c in r["concepts"]))
+    for arm, rows in arms.items():
+        with open(out / f"retention_{arm}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["concept"] + [f"evening{r['evening']}_{r['version']}" for r in rows])
+            for concept, values in zip(concepts, _live_matrix(rows, concepts)):
+                writer.writerow([concept] + ["" if v is None else f"{v:.3f}" for v in values])
+        with open(out / f"updates_{arm}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["evening", "version", "promoted", "seconds", "base_agreement", "perplexity_change",
+                             "reasons"])
+            for r in rows:
+                writer.writerow([r["evening"], r["version"], r["promoted"], f"{r['seconds']:.1f}",
+                                 f"{r['base_agreement']:.4f}", f"{r['perplexity_change']:.4f}", "; ".join(r["reasons"])])
+    _heatmap(arms, concepts, out / "retention.png")
+    summary = {}
+    for arm, rows in arms.items():
+        final = [values[-1] for values in _live_matrix(rows, concepts)]
+        live_rows = [r for r in rows if r["promoted"]]
+        summary[arm] = {"concepts_at_or_above_95": sum(v is not None and v >= 0.95 for v in final),
+                        "concepts": len(concepts), "mean_final_accuracy": sum(v or 0 for v in final) / len(final),
+                        "promoted": len(live_rows), "rejected": len(rows) - len(live_rows),
+                        "final_base_agreement": live_rows[-1]["base_agreement"] if live_rows else None,
+                        "max_update_seconds": max(r["seconds"] for r in rows)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}/retention_*.csv, updates_*.csv, retention.png, summary.json "
+          f"({time.time() - started:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()
