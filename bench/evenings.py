@@ -26,19 +26,37 @@ sys.path.insert(0, str(ROOT))
 EVENINGS = ROOT / "examples" / "evenings"
 
 
-def _foundation(home: Path) -> str:
-    from scalpel import model_store
+def _foundation(home: Path) -> dict:
+    """The foundation adapter (with base-preservation examples, as every update has), evaluated as evening 0."""
+    import random
+
+    from scalpel import evaluate, model_store
     from scalpel.pipeline import train_and_publish
+    from scalpel.update import preservation_examples
+    from serving.engine import Engine
     from training.config import load_config
 
     base = model_store.ensure_default()
     config = load_config(ROOT / "examples" / "demo_config.json").model_copy(
         update={"output_dir": "./adapters/evenings_scalpel"})
-    result = train_and_publish(config, EVENINGS / "foundation.json", model=base.name,
-                               eval_suites=(EVENINGS / "foundation.eval.json",), progress=False)
+    knowledge = json.loads((EVENINGS / "foundation.json").read_text(encoding="utf-8"))
+    engine = Engine(base)
+    try:
+        preserve = random.Random(0).sample(preservation_examples(engine), len(knowledge) // 2)
+        mixed = home / "foundation_mixed.json"
+        mixed.write_text(json.dumps(knowledge + preserve, ensure_ascii=False), encoding="utf-8")
+        result = train_and_publish(config, mixed, model=base.name, progress=False,
+                                   keep_files={"data/train.json": EVENINGS / "foundation.json"},
+                                   eval_suites=(EVENINGS / "foundation.eval.json",))
+        suite = {"foundation.eval": evaluate.load_suite(EVENINGS / "foundation.eval.json")}
+        report = evaluate.evaluate(engine, ((engine.load(result.version), 1.0),), suite, result.version.ref)
+    finally:
+        engine.close()
     # The naive arm starts from a byte-identical copy of the same foundation version.
     shutil.copytree(result.version.path.parent, home / "adapters" / "evenings_naive")
-    return result.version.ref
+    return {"evening": 0, "version": "v1", "promoted": True, "reasons": [], "seconds": result.train_seconds,
+            "concepts": report.suites[0].per_concept, "base_agreement": report.base.agreement,
+            "perplexity_change": report.base.perplexity_change}
 
 
 def _row(arm: str, evening: int, result, seconds: float) -> dict:
@@ -98,10 +116,11 @@ def main() -> None:
 
     started = time.time()
     foundation = _foundation(home)
-    print(f"foundation {foundation} in {time.time() - started:.0f} s", flush=True)
+    print(f"foundation v1 in {time.time() - started:.0f} s: {foundation['concepts']}, base agreement "
+          f"{foundation['base_agreement']:.1%}, ppl {foundation['perplexity_change']:+.1%}", flush=True)
     settings = {"scalpel": UpdateSettings(),
                 "naive": UpdateSettings(gates=False, replay_ratio=0, preservation_ratio=0)}
-    arms: dict[str, list[dict]] = {arm: [] for arm in settings}
+    arms: dict[str, list[dict]] = {arm: [{**foundation, "arm": arm}] for arm in settings}
     files = sorted(f for f in EVENINGS.glob("evening*.json") if not f.name.endswith(".eval.json"))[:args.evenings]
     for evening, data in enumerate(files, 1):
         suite = data.with_name(f"{data.stem}.eval.json")
@@ -136,12 +155,14 @@ def main() -> None:
     summary = {}
     for arm, rows in arms.items():
         final = [values[-1] for values in _live_matrix(rows, concepts)]
+        updates = rows[1:]  # rows[0] is the foundation
         live_rows = [r for r in rows if r["promoted"]]
         summary[arm] = {"concepts_at_or_above_95": sum(v is not None and v >= 0.95 for v in final),
                         "concepts": len(concepts), "mean_final_accuracy": sum(v or 0 for v in final) / len(final),
-                        "promoted": len(live_rows), "rejected": len(rows) - len(live_rows),
-                        "final_base_agreement": live_rows[-1]["base_agreement"] if live_rows else None,
-                        "max_update_seconds": max(r["seconds"] for r in rows)}
+                        "promoted": sum(r["promoted"] for r in updates),
+                        "rejected": sum(not r["promoted"] for r in updates),
+                        "final_base_agreement": live_rows[-1]["base_agreement"],
+                        "max_update_seconds": max((r["seconds"] for r in updates), default=0.0)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}/retention_*.csv, updates_*.csv, retention.png, summary.json "

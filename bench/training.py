@@ -42,7 +42,12 @@ def _arm(packed: bool, steps: int, batch_size: int, accumulation: int, home: str
     from scalpel import model_store
     from training.base_model import load_model
     from training.config import TrainingSettings
-    from training.trainer import AnswerLogitsTrainer, TokenizedDataset, micro_batching, pack_collator
+    from training.trainer import (
+        AnswerLogitsTrainer,
+        TokenizedDataset,
+        micro_batching,
+        pack_collator,
+    )
 
     torch.manual_seed(0)
     entry = model_store.ensure_default()

@@ -6,10 +6,10 @@ import json
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from scalpel import paths
 from scalpel.errors import ConflictError, NotFoundError

@@ -20,10 +20,10 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -177,7 +177,9 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
             config = live.manifest["config"]
             overrides = {k: v for k, v in (("num_epochs", settings.num_epochs),
                                            ("learning_rate", settings.learning_rate)) if v is not None}
-            config = parse_config({**config, "training_config": {**config["training_config"], **overrides}})
+            # The new version goes beside the live one, whatever output_dir the first version was trained with.
+            config = parse_config({**config, "output_dir": str(adapter_store.root_for_name(name)),
+                                   "training_config": {**config["training_config"], **overrides}})
             work = Path(tempfile.mkdtemp(prefix="update-", dir=paths.state_dir()))
             try:
                 mixed = work / "train.jsonl"

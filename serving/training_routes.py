@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import anyio
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -93,7 +93,7 @@ async def _json_body(request: Request) -> dict:
 async def _follow(store: JobStore, job_id: str, after: int) -> AsyncIterator[str]:
     """Server-sent events: every event after `after`, then new ones as they come, until the job ends."""
     while True:
-        batch = await anyio.to_thread.run_sync(lambda: store.events(job_id, after=after))
+        batch = await anyio.to_thread.run_sync(lambda since=after: store.events(job_id, after=since))
         for e in batch:
             after = e.seq
             yield f"id: {e.seq}\ndata: {json.dumps(event_view(e))}\n\n"
@@ -139,7 +139,7 @@ def training_router(store: JobStore, runner: JobRunner, *, admin: object, client
         unknown = set(body) - {"dataset", "eval_suite", "settings"}
         if unknown:
             raise ScalpelError(f"unknown fields {sorted(unknown)}; expected dataset, eval_suite, settings",
-                               param=sorted(unknown)[0])
+                               param=min(unknown))
         if not body.get("dataset"):
             raise ScalpelError("dataset is required (a path below SCALPEL_HOME or a file id)", param="dataset")
         job = await run(jobs.submit_update_job, store, name, dataset=body["dataset"],

@@ -168,7 +168,7 @@ class FineTuningRequest(BaseModel):
     metadata: dict | None = None
 
 
-def _choice(value: int | float | str, auto, name: str, *, low: float, high: float):
+def _choice(value: float | str, auto, name: str, *, low: float, high: float):
     if value == "auto":
         return auto
     if isinstance(value, str) or not low <= value <= high:

@@ -124,3 +124,47 @@ def test_http_routes_and_a_server_that_follows_promotions(reg, three_versions):
             assert diff.status_code == 200 and "training_config.learning_rate" in diff.json()["config"]
     finally:
         engine.close()
+
+
+def test_promotions_during_traffic_never_serve_a_half_loaded_adapter(reg):
+    """Requests racing promotions and rollbacks get exactly one version's answer, never an error or a mix."""
+    import threading
+
+    engine = Engine(model_store.get("tiny"))
+    try:
+        with BackgroundServer(create_app(engine)) as server:
+            api = server.base_url.removesuffix("/v1") + "/api/adapters/reg"
+            ask = {"model": "reg", "max_tokens": 8, "temperature": 0,
+                   "messages": [{"role": "user", "content": "What is fact 2?"}]}
+
+            def answer() -> str:
+                r = httpx.post(f"{server.base_url}/chat/completions", json=ask, timeout=60)
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["message"]["content"]
+
+            known = {"v3": answer()}
+            httpx.post(f"{api}/promote", json={"version": "v1"})
+            known["v1"] = answer()
+            assert known["v1"] != known["v3"]
+            seen, failures, stop = [], [], threading.Event()
+
+            def traffic():
+                while not stop.is_set():
+                    try:
+                        seen.append(answer())
+                    except Exception as exc:  # any failure is a finding
+                        failures.append(repr(exc))
+
+            clients = [threading.Thread(target=traffic) for _ in range(3)]
+            for c in clients:
+                c.start()
+            for i in range(12):
+                r = httpx.post(f"{api}/promote", json={"version": "v3" if i % 2 == 0 else "v1"})
+                assert r.status_code == 200
+            stop.set()
+            for c in clients:
+                c.join(timeout=60)
+            assert not failures
+            assert seen and set(seen) <= set(known.values())
+    finally:
+        engine.close()

@@ -77,9 +77,8 @@ def test_a_rejected_update_leaves_the_live_version_serving(foundation, home):
 
 
 def test_the_lock_refuses_a_second_update(foundation, home):
-    with update_lock("know"):
-        with pytest.raises(ConflictError, match="another update"):
-            run_update("know", home / "evening.json", progress=False, log=lambda *_: None)
+    with update_lock("know"), pytest.raises(ConflictError, match="another update"):
+        run_update("know", home / "evening.json", progress=False, log=lambda *_: None)
 
 
 def test_the_inbox_processes_archives_and_rejects(foundation, home):
@@ -115,3 +114,12 @@ def test_a_kill_during_an_update_leaves_the_registry_consistent(foundation, home
     # The next update sweeps the dead run's staging folder and its lock is free again.
     result = run_update("know", home / "evening.json", settings=OPEN_GATES, progress=False, log=lambda *_: None)
     assert result.version.version == "v2" and not list(foundation.glob(".staging-*"))
+
+
+def test_an_update_of_a_copied_adapter_stays_in_its_own_folder(foundation, home):
+    """The live version's config names the folder it was first trained into; the update must not follow it."""
+    import shutil
+    shutil.copytree(foundation, home / "adapters" / "copy")
+    result = run_update("copy", home / "evening.json", settings=OPEN_GATES, progress=False, log=lambda *_: None)
+    assert result.version.ref == "copy@v2"
+    assert adapter_store.versions(foundation) == ["v1"], "the original adapter is untouched"
