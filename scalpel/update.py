@@ -47,9 +47,10 @@ class UpdateSettings(BaseModel):
     num_epochs: float | None = Field(None, gt=0)  # default: the live version's config
     learning_rate: float | None = Field(None, gt=0, lt=1)
     min_new_knowledge: float = Field(0.95, ge=0, le=1)
-    min_retention: float = Field(0.95, ge=0, le=1)
+    min_retention: float = Field(0.95, ge=0, le=1)  # share of what the live version knew
     min_base_agreement: float = Field(0.95, ge=0, le=1)
     max_perplexity_increase: float = Field(0.10, ge=0)
+    base_tolerance: float = Field(0.02, ge=0)  # how much worse than an already-below-target live version
     gates: bool = True  # False: promote whatever comes out (the naive baseline of bench/evenings.py)
     seed: int = 0
 
@@ -112,23 +113,47 @@ def _as_record(example: Example) -> dict:
     return {"messages": example.messages, "concept": example.concept}
 
 
-def gate_decision(report: evaluate.EvalReport, new_suite: str | None, settings: UpdateSettings) -> list[str]:
-    """Every gate that failed, in words; an empty list means promote."""
+def retention(report: evaluate.EvalReport, live_eval: dict) -> dict[str, float]:
+    """Per earlier suite: of the questions the live version answered right, the share the new one still does."""
+    out = {}
+    for suite in report.suites:
+        before = (live_eval.get("suites") or {}).get(suite.name)
+        if before is None:
+            continue
+        knew = {a["question"] for a in before["answers"] if a["passed"]}
+        still = {a["question"] for a in suite.answers if a["passed"]}
+        out[suite.name] = len(knew & still) / len(knew) if knew else 1.0
+    return out
+
+
+def gate_decision(report: evaluate.EvalReport, new_suite: str | None, settings: UpdateSettings,
+                  live_eval: dict) -> list[str]:
+    """Every gate that failed, in words; an empty list means promote.
+
+    New knowledge is judged absolutely. Retention is relative to the live version: what it knew must
+    still be known. Base regression must meet the absolute target, or, when the live version is already
+    below it, be no worse than the live version by more than `base_tolerance`.
+    """
     if not settings.gates:
         return []
     reasons = []
     for suite in report.suites:
-        is_new = suite.name == new_suite
-        need = settings.min_new_knowledge if is_new else settings.min_retention
-        if suite.accuracy < need:
-            reasons.append(f"{'new knowledge' if is_new else 'retention'} {suite.name}: {suite.accuracy:.0%} < "
-                           f"{need:.0%} (failed: {', '.join(sorted({a['concept'] for a in suite.answers if not a['passed']}))})")
+        if suite.name == new_suite and suite.accuracy < settings.min_new_knowledge:
+            failed = ", ".join(sorted({a["concept"] for a in suite.answers if not a["passed"]}))
+            reasons.append(f"new knowledge {suite.name}: {suite.accuracy:.0%} < {settings.min_new_knowledge:.0%} "
+                           f"(failed: {failed})")
+    for name, kept in retention(report, live_eval).items():
+        if kept < settings.min_retention:
+            reasons.append(f"retention {name}: {kept:.0%} of what the live version knew < {settings.min_retention:.0%}")
+    live_base = live_eval.get("base_regression") or {}
     if report.base is not None:
-        if report.base.agreement < settings.min_base_agreement:
-            reasons.append(f"base agreement {report.base.agreement:.1%} < {settings.min_base_agreement:.0%}")
-        if report.base.perplexity_change > settings.max_perplexity_increase:
-            reasons.append(f"perplexity on general text +{report.base.perplexity_change:.1%} > "
-                           f"+{settings.max_perplexity_increase:.0%}")
+        floor = min(settings.min_base_agreement, live_base.get("agreement", 1.0) - settings.base_tolerance)
+        if report.base.agreement < floor:
+            reasons.append(f"base agreement {report.base.agreement:.1%} < {floor:.1%}")
+        ceiling = max(settings.max_perplexity_increase,
+                      live_base.get("perplexity_change", -1.0) + settings.base_tolerance)
+        if report.base.perplexity_change > ceiling:
+            reasons.append(f"perplexity on general text {report.base.perplexity_change:+.1%} > +{ceiling:.1%}")
     return reasons
 
 
@@ -166,13 +191,15 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
             if new_items is not None:
                 suites[new_suite] = new_items
 
+            live_eval = _live_eval(engine, live, {k: v for k, v in suites.items() if k != new_suite}, log)
+
             def gate(staged: adapter_store.AdapterVersion) -> tuple[dict, bool]:
                 log(f"evaluating the new version through llama.cpp: {len(suites)} suite(s) and base regression")
                 report = evaluate.evaluate(engine, ((engine.load(staged), 1.0),), suites, f"{name}@next")
-                reasons = gate_decision(report, new_suite, settings)
+                reasons = gate_decision(report, new_suite, settings, live_eval)
                 report.plot(staged.path / "eval.png")
-                return {**report.as_dict(), "gates": settings.model_dump(), "promoted": not reasons,
-                        "reasons": reasons}, not reasons
+                return {**report.as_dict(), "retention": retention(report, live_eval), "gates": settings.model_dump(),
+                        "promoted": not reasons, "reasons": reasons, "live_before": live.ref}, not reasons
 
             config = live.manifest["config"]
             overrides = {k: v for k, v in (("num_epochs", settings.num_epochs),
@@ -203,6 +230,16 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
     log(f"{result.version.ref}: {'promoted, now live' if update.promoted else 'NOT promoted; ' + live.ref + ' stays live'}"
         + ("" if update.promoted else " (" + "; ".join(update.reasons) + ")"))
     return update
+
+
+def _live_eval(engine: Engine, live: adapter_store.AdapterVersion, suites: dict, log) -> dict:
+    """The live version's scores on the earlier suites and base regression: from its manifest when it was
+    evaluated on all of them (every update records that), else measured now."""
+    recorded = live.manifest.get("eval") or {}
+    if set(suites) <= set(recorded.get("suites") or {}) and recorded.get("base_regression"):
+        return recorded
+    log(f"evaluating the live version {live.ref} first (its manifest has no complete evaluation)")
+    return evaluate.evaluate(engine, ((engine.load(live), 1.0),), suites, live.ref).as_dict()
 
 
 def _record(name: str, update: UpdateResult) -> None:

@@ -123,3 +123,22 @@ def test_an_update_of_a_copied_adapter_stays_in_its_own_folder(foundation, home)
     result = run_update("copy", home / "evening.json", settings=OPEN_GATES, progress=False, log=lambda *_: None)
     assert result.version.ref == "copy@v2"
     assert adapter_store.versions(foundation) == ["v1"], "the original adapter is untouched"
+
+
+def test_gates_judge_retention_against_the_live_version():
+    from scalpel.evaluate import BaseRegression, EvalReport, SuiteResult
+    from scalpel.update import gate_decision, retention
+
+    def answers(*passed):
+        return [{"question": f"q{i}", "concept": "c", "answer": "", "passed": p} for i, p in enumerate(passed)]
+    live = {"suites": {"old": {"answers": answers(True, True, False, False)}},
+            "base_regression": {"agreement": 0.80, "perplexity_change": 0.15}}
+    new = EvalReport("x", [SuiteResult("old", answers(True, True, True, False)), SuiteResult("new", answers(True))],
+                     BaseRegression(agreement=0.79, perplexity_base=10.0, perplexity=11.6))
+    assert retention(new, live) == {"old": 1.0}  # it kept both answers the live version knew
+    assert gate_decision(new, "new", UpdateSettings(), live) == []  # base: within 2 points of a below-target live
+    forgot = EvalReport("x", [SuiteResult("old", answers(True, False, True, True)), SuiteResult("new", answers(True))],
+                        BaseRegression(agreement=0.70, perplexity_base=10.0, perplexity=10.0))
+    reasons = gate_decision(forgot, "new", UpdateSettings(), live)
+    assert reasons[0].startswith("retention old: 50%") and reasons[1].startswith("base agreement 70.0% < 78.0%")
+    assert gate_decision(forgot, "new", UpdateSettings(gates=False), live) == []
