@@ -97,6 +97,7 @@ def _heatmap(arms: dict[str, list[dict]], concepts: list[str], path: Path) -> No
         for (i, j), value in np.ndenumerate(grid):
             if not np.isnan(value):
                 ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7)
+    fig.subplots_adjust(wspace=0.7)  # room for the second panel's concept labels
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

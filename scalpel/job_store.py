@@ -118,6 +118,11 @@ class StoredFile:
     created_at: float
 
 
+def job_dir(job_id: str) -> Path:
+    """A job's private folder: its checkpoints and the worker's log. Kept until the job ends."""
+    return paths.state_dir() / "jobs" / paths.check_name(job_id, "job")
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

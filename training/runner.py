@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scalpel import paths
-from scalpel.job_store import Job, JobStore
-from training.worker import job_dir
+from scalpel.job_store import Job, JobStore, job_dir
 
 log = logging.getLogger("scalpel.jobs")
 

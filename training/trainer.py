@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers.trainer_callback import ProgressCallback, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from scalpel.errors import ScalpelError
@@ -307,6 +307,8 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossProgress())
+    else:  # no bar, and no log dict printed per logging step: callers (the job worker) record what they need
+        trainer.remove_callback(PrinterCallback)
     for callback in callbacks:
         trainer.add_callback(callback)
     checkpoint = last_checkpoint(work_dir) if resume else None

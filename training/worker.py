@@ -16,15 +16,10 @@ from transformers.trainer_callback import TrainerCallback
 
 from scalpel import paths
 from scalpel.errors import ScalpelError
-from scalpel.job_store import JobStore
+from scalpel.job_store import JobStore, job_dir
 from scalpel.pipeline import train_and_publish
 from training.config import parse_config
 from training.trainer import last_checkpoint
-
-
-def job_dir(job_id: str) -> Path:
-    """A job's private folder: its checkpoints and the worker's log. Kept until the job ends."""
-    return paths.state_dir() / "jobs" / paths.check_name(job_id, "job")
 
 
 def peak_memory_mb() -> float:
