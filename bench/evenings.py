@@ -7,7 +7,8 @@ After every update, every suite so far is scored through llama.cpp (greedy), plu
 Writes, per arm, the retention matrix (concept x version) as CSV and both arms as one heatmap PNG, the
 base-regression figures and wall time per update, and a summary JSON.
 
-    .venv/bin/python bench/evenings.py [--evenings 10] [--out bench/results/evenings]
+    .venv/bin/python bench/evenings.py [--evenings 10] [--out bench/results/evenings] [--arms scalpel,naive]
+                                       [--epochs N] [--learning-rate LR] [--preservation-ratio R]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 EVENINGS = ROOT / "examples" / "evenings"
 
 
-def _foundation(home: Path) -> dict:
+def _foundation(home: Path, epochs: float | None = None, learning_rate: float | None = None) -> dict:
     """The foundation adapter (with base-preservation examples, as every update has), evaluated as evening 0."""
     import random
 
@@ -39,6 +40,8 @@ def _foundation(home: Path) -> dict:
     base = model_store.ensure_default()
     config = load_config(ROOT / "examples" / "demo_config.json").model_copy(
         update={"output_dir": "./adapters/evenings_scalpel"})
+    overrides = {k: v for k, v in (("num_epochs", epochs), ("learning_rate", learning_rate)) if v is not None}
+    config = config.model_copy(update={"training_config": config.training_config.model_copy(update=overrides)})
     knowledge = json.loads((EVENINGS / "foundation.json").read_text(encoding="utf-8"))
     engine = Engine(base)
     try:
@@ -107,6 +110,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--evenings", type=int, default=10)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "evenings"))
+    parser.add_argument("--arms", default="scalpel,naive", help="which arms to run (comma-separated)")
+    parser.add_argument("--epochs", type=float, help="num_epochs for the foundation and every update "
+                                                     "(default: examples/demo_config.json)")
+    parser.add_argument("--learning-rate", type=float, help="learning rate for the foundation and every update")
+    parser.add_argument("--preservation-ratio", type=float, default=0.5, help="the scalpel arm's preservation ratio")
     args = parser.parse_args()
     out = Path(args.out)
     home = out / "home"
@@ -116,11 +124,13 @@ def main() -> None:
     from scalpel.update import UpdateSettings, run_update
 
     started = time.time()
-    foundation = _foundation(home)
+    foundation = _foundation(home, args.epochs, args.learning_rate)
     print(f"foundation v1 in {time.time() - started:.0f} s: {foundation['concepts']}, base agreement "
           f"{foundation['base_agreement']:.1%}, ppl {foundation['perplexity_change']:+.1%}", flush=True)
-    settings = {"scalpel": UpdateSettings(),
-                "naive": UpdateSettings(gates=False, replay_ratio=0, preservation_ratio=0)}
+    recipe = {"num_epochs": args.epochs, "learning_rate": args.learning_rate}
+    settings = {"scalpel": UpdateSettings(**recipe, preservation_ratio=args.preservation_ratio),
+                "naive": UpdateSettings(**recipe, gates=False, replay_ratio=0, preservation_ratio=0)}
+    settings = {arm: value for arm, value in settings.items() if arm in args.arms.split(",")}
     arms: dict[str, list[dict]] = {arm: [{**foundation, "arm": arm}] for arm in settings}
     files = sorted(f for f in EVENINGS.glob("evening*.json") if not f.name.endswith(".eval.json"))[:args.evenings]
     for evening, data in enumerate(files, 1):
