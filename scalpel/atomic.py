@@ -1,4 +1,5 @@
-"""Write files and folders so that readers see the old version or the new one, never half of one."""
+"""Write files and folders so that readers see the old version or the new one, never half of one; and read
+JSON back with errors that name the file, line and column."""
 
 from __future__ import annotations
 
@@ -10,6 +11,20 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from scalpel.errors import ScalpelError
+
+
+def read_json(path: Path, what: str) -> object:
+    """A JSON file a user gave us (`what` says which kind): missing or malformed files name file:line:col."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ScalpelError(f"{what} not found: {path}", param=str(path)) from exc
+    except json.JSONDecodeError as exc:
+        raise ScalpelError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}", param=str(path),
+                           code="invalid_json") from exc
 
 
 def write_json(path: Path, data: object) -> None:

@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from scalpel import paths
-from scalpel.atomic import write_json
+from scalpel.atomic import read_json, write_json
 from scalpel.errors import ScalpelError
 from serving.engine import AdapterSet, Engine, GenerationParams
 
@@ -52,13 +52,7 @@ class EvalItem(BaseModel):
 
 def load_suite(path: Path) -> list[EvalItem]:
     path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ScalpelError(f"eval suite not found: {path}", param=str(path)) from exc
-    except json.JSONDecodeError as exc:
-        raise ScalpelError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}", param=str(path),
-                           code="invalid_json") from exc
+    records = read_json(path, "eval suite")
     if not isinstance(records, list) or not records:
         raise ScalpelError(f"{path}: an eval suite is a non-empty JSON list", param=str(path))
     items = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from scalpel.atomic import read_json
 from scalpel.errors import ScalpelError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -44,13 +44,7 @@ class JobsClient:
 
     def start(self, config: Path, data: Path, *, eval_data: Path | None = None, model: str | None = None,
               max_steps: int | None = None) -> dict:
-        try:
-            body = json.loads(Path(config).read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ScalpelError(f"config file not found: {config}", param=str(config)) from exc
-        except json.JSONDecodeError as exc:
-            raise ScalpelError(f"{config}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}",
-                               param=str(config), code="invalid_json") from exc
+        body = read_json(config, "config file")
         params = {"dataset": self.upload(data)}
         if eval_data:
             params["eval_dataset"] = self.upload(eval_data)

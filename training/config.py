@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from scalpel.atomic import read_json
 from scalpel.errors import ScalpelError
 
 # Modules a GGUF LoRA adapter can express for Llama-family bases (llama.cpp applies LoRA to these).
@@ -85,12 +85,4 @@ def parse_config(data: object, source: str = "config") -> TrainConfig:
 
 
 def load_config(path: Path) -> TrainConfig:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ScalpelError(f"config file not found: {path}", param=str(path)) from exc
-    except json.JSONDecodeError as exc:
-        raise ScalpelError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}",
-                           param=str(path), code="invalid_json") from exc
-    return parse_config(data, str(path))
+    return parse_config(read_json(path, "config file"), str(path))
