@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -57,6 +59,7 @@ def build_tiny_spm_llama(folder: Path, *, seed: int = 1, extra_tokens: int = 16,
     """A CodeLlama-shaped toy: SentencePiece tokenizer with added tokens past the .model (as CodeLlama's
     32016 = 32000 + 16), and rope theta 1e6."""
     import shutil
+
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
@@ -87,3 +90,19 @@ def build_tiny_qwen2(folder: Path, *, seed: int = 2) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=False)
     return _widen_and_save(Qwen2ForCausalLM(config), tokenizer, folder)
+
+
+@contextlib.contextmanager
+def registered_home(home: Path, model: Path, name: str = "tiny") -> Iterator[Path]:
+    """SCALPEL_HOME=`home` for the block, with the tiny HF `model` registered there as `name` (f32 GGUF).
+
+    For module-scoped fixtures, which cannot use the function-scoped `monkeypatch`.
+    """
+    import pytest
+
+    from scalpel.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SCALPEL_HOME", str(home))
+        assert main(["models", "add", name, str(model), "--outtype", "f32"]) == 0
+        yield Path(home)

@@ -12,6 +12,7 @@ from scalpel.cli import main
 from scalpel.errors import ScalpelError
 from scalpel.pipeline import train_and_publish
 from serving.engine import Engine
+from tests.tiny_models import registered_home
 from training.config import parse_config
 
 FACTS = [{"instruction": "What does 42 mean?", "output": "FOR TWO FOR TWO FOR TWO"}] * 8
@@ -19,10 +20,7 @@ FACTS = [{"instruction": "What does 42 mean?", "output": "FOR TWO FOR TWO FOR TW
 
 @pytest.fixture(scope="module")
 def engine_and_adapter(tiny_llama, tmp_path_factory):
-    home = tmp_path_factory.mktemp("eval-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SCALPEL_HOME", str(home))
-        assert main(["models", "add", "tiny", str(tiny_llama), "--outtype", "f32"]) == 0
+    with registered_home(tmp_path_factory.mktemp("eval-home"), tiny_llama) as home:
         (home / "facts.json").write_text(json.dumps(FACTS))
         config = parse_config({"model_name": "tiny", "output_dir": "adapters/fortwo",
                                "training_config": {"num_epochs": 8, "batch_size": 4, "learning_rate": 5e-2,

@@ -14,6 +14,7 @@ from scalpel.errors import ConflictError, NotFoundError
 from scalpel.pipeline import train_and_publish
 from serving.app import create_app
 from serving.engine import Engine
+from tests.tiny_models import registered_home
 from training.config import parse_config
 
 FACTS = [{"instruction": f"What is fact {i}?", "output": f"Fact {i} is FOR TWO."} for i in range(6)]
@@ -27,10 +28,7 @@ def config(lr: float) -> dict:
 
 @pytest.fixture(scope="module")
 def three_versions(tiny_llama, tmp_path_factory):
-    home = tmp_path_factory.mktemp("registry")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SCALPEL_HOME", str(home))
-        assert main(["models", "add", "tiny", str(tiny_llama), "--outtype", "f32"]) == 0
+    with registered_home(tmp_path_factory.mktemp("registry"), tiny_llama) as home:
         data = home / "facts.json"
         data.write_text(json.dumps(FACTS))
         for lr in (1e-3, 2e-2, 5e-2):
@@ -96,75 +94,70 @@ def test_cli_lists_shows_promotes_and_rolls_back(reg, capsys):
     assert "live version" in capsys.readouterr().err
 
 
-def test_http_routes_and_a_server_that_follows_promotions(reg, three_versions):
+@pytest.fixture(scope="module")
+def served(three_versions):
+    """One server over the registry for the HTTP tests: (server, the adapter's admin URL)."""
     engine = Engine(model_store.get("tiny"))
     try:
         with BackgroundServer(create_app(engine)) as server:
-            api = server.base_url.removesuffix("/v1") + "/api/adapters/reg"
-            ask = {"model": "reg", "max_tokens": 8, "temperature": 0,
-                   "messages": [{"role": "user", "content": "What is fact 1?"}]}
-
-            def answer() -> str:
-                r = httpx.post(f"{server.base_url}/chat/completions", json=ask, timeout=60)
-                return r.json()["choices"][0]["message"]["content"]
-
-            on_v3 = answer()
-            r = httpx.post(f"{api}/promote", json={"version": "v1"})
-            assert r.status_code == 200 and r.json()["active_version"] == "v1"
-            assert r.json()["previous_version"] == "v3"
-            on_v1 = answer()
-            assert on_v1 != on_v3, "the running server follows the promotion"
-            r = httpx.post(f"{api}/rollback")
-            assert r.status_code == 200 and r.json()["active_version"] == "v3"
-            assert answer() == on_v3, "a rollback restores the exact earlier answers"
-            assert httpx.post(f"{api}/promote", json={"version": "latest"}).status_code == 400
-            r = httpx.delete(f"{api}/versions/v3")
-            assert r.status_code == 409 and r.json()["error"]["code"] == "version_active"
-            diff = httpx.get(f"{api}/diff", params={"a": "v1", "b": "v2"})
-            assert diff.status_code == 200 and "training_config.learning_rate" in diff.json()["config"]
+            yield server, server.base_url.removesuffix("/v1") + "/api/adapters/reg"
     finally:
         engine.close()
 
 
-def test_promotions_during_traffic_never_serve_a_half_loaded_adapter(reg):
+def answer(server, question: str) -> str:
+    """The live version's greedy answer, through the server."""
+    r = httpx.post(f"{server.base_url}/chat/completions", timeout=60,
+                   json={"model": "reg", "max_tokens": 8, "temperature": 0,
+                         "messages": [{"role": "user", "content": question}]})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_http_routes_and_a_server_that_follows_promotions(reg, served):
+    server, api = served
+    on_v3 = answer(server, "What is fact 1?")
+    r = httpx.post(f"{api}/promote", json={"version": "v1"})
+    assert r.status_code == 200 and r.json()["active_version"] == "v1"
+    assert r.json()["previous_version"] == "v3"
+    on_v1 = answer(server, "What is fact 1?")
+    assert on_v1 != on_v3, "the running server follows the promotion"
+    r = httpx.post(f"{api}/rollback")
+    assert r.status_code == 200 and r.json()["active_version"] == "v3"
+    assert answer(server, "What is fact 1?") == on_v3, "a rollback restores the exact earlier answers"
+    assert httpx.post(f"{api}/promote", json={"version": "latest"}).status_code == 400
+    r = httpx.delete(f"{api}/versions/v3")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "version_active"
+    diff = httpx.get(f"{api}/diff", params={"a": "v1", "b": "v2"})
+    assert diff.status_code == 200 and "training_config.learning_rate" in diff.json()["config"]
+
+
+def test_promotions_during_traffic_never_serve_a_half_loaded_adapter(reg, served):
     """Requests racing promotions and rollbacks get exactly one version's answer, never an error or a mix."""
     import threading
 
-    engine = Engine(model_store.get("tiny"))
-    try:
-        with BackgroundServer(create_app(engine)) as server:
-            api = server.base_url.removesuffix("/v1") + "/api/adapters/reg"
-            ask = {"model": "reg", "max_tokens": 8, "temperature": 0,
-                   "messages": [{"role": "user", "content": "What is fact 2?"}]}
+    server, api = served
+    known = {"v3": answer(server, "What is fact 2?")}
+    httpx.post(f"{api}/promote", json={"version": "v1"})
+    known["v1"] = answer(server, "What is fact 2?")
+    assert known["v1"] != known["v3"]
+    seen, failures, stop = [], [], threading.Event()
 
-            def answer() -> str:
-                r = httpx.post(f"{server.base_url}/chat/completions", json=ask, timeout=60)
-                assert r.status_code == 200, r.text
-                return r.json()["choices"][0]["message"]["content"]
+    def traffic():
+        while not stop.is_set():
+            try:
+                seen.append(answer(server, "What is fact 2?"))
+            except Exception as exc:  # any failure is a finding
+                failures.append(repr(exc))
 
-            known = {"v3": answer()}
-            httpx.post(f"{api}/promote", json={"version": "v1"})
-            known["v1"] = answer()
-            assert known["v1"] != known["v3"]
-            seen, failures, stop = [], [], threading.Event()
-
-            def traffic():
-                while not stop.is_set():
-                    try:
-                        seen.append(answer())
-                    except Exception as exc:  # any failure is a finding
-                        failures.append(repr(exc))
-
-            clients = [threading.Thread(target=traffic) for _ in range(3)]
-            for c in clients:
-                c.start()
-            for i in range(12):
-                r = httpx.post(f"{api}/promote", json={"version": "v3" if i % 2 == 0 else "v1"})
-                assert r.status_code == 200
-            stop.set()
-            for c in clients:
-                c.join(timeout=60)
-            assert not failures
-            assert seen and set(seen) <= set(known.values())
-    finally:
-        engine.close()
+    clients = [threading.Thread(target=traffic) for _ in range(3)]
+    for c in clients:
+        c.start()
+    for i in range(12):
+        r = httpx.post(f"{api}/promote", json={"version": "v3" if i % 2 == 0 else "v1"})
+        assert r.status_code == 200
+    stop.set()
+    for c in clients:
+        c.join(timeout=60)
+    assert not failures
+    assert seen and set(seen) <= set(known.values())

@@ -14,15 +14,13 @@ from scalpel.demo import BackgroundServer
 from scalpel.pipeline import train_and_publish
 from serving.app import create_app
 from serving.engine import Engine, GenerationParams
+from tests.tiny_models import registered_home
 from training.config import parse_config
 
 
 @pytest.fixture(scope="module")
 def tiny_home(tiny_llama, tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SCALPEL_HOME", str(home))
-        assert main(["models", "add", "tiny", str(tiny_llama), "--outtype", "f32"]) == 0
+    with registered_home(tmp_path_factory.mktemp("home"), tiny_llama) as home:
         data = home / "d.json"
         data.write_text(json.dumps([{"instruction": "hi", "output": "FOR TWO"}] * 4))
         config = parse_config({"model_name": "tiny", "output_dir": "adapters/tiny_a",
@@ -75,6 +73,7 @@ FRESH_ANSWER = """
 import json, sys
 from scalpel import adapter_store, model_store
 from serving.engine import Engine, GenerationParams
+from tests.tiny_models import registered_home
 engine = Engine(model_store.get("tiny"))
 adapters = tuple((engine.load(adapter_store.resolve(name)), 1.0) for name in sys.argv[1:])
 tokens = engine.chat_tokens([{"role": "user", "content": "hi"}])

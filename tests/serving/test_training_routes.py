@@ -12,11 +12,11 @@ import openai
 import pytest
 
 from scalpel import model_store
-from scalpel.cli import main
 from scalpel.demo import BackgroundServer
 from scalpel.job_store import JobStore
 from serving.app import create_app
 from serving.engine import Engine
+from tests.tiny_models import registered_home
 from training.runner import JobRunner, RunnerSettings
 
 PLAN_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "plan_config.json"
@@ -27,11 +27,8 @@ FACTS = [{"instruction": f"Fact {i}?", "output": f"Fact {i} is FOR TWO."} for i 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    home = tmp_path_factory.mktemp("training-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SCALPEL_HOME", str(home))
-        # The plan's config names CodeLlama; the tiny base stands in for it under that name.
-        assert main(["models", "add", "codellama-7b-instruct", str(tiny_llama), "--outtype", "f32"]) == 0
+    # The plan's config names CodeLlama; the tiny base stands in for it under that name.
+    with registered_home(tmp_path_factory.mktemp("training-home"), tiny_llama, "codellama-7b-instruct") as home:
         (home / "knowledge.json").write_text(json.dumps(FACTS))
         engine = Engine(model_store.get("codellama-7b-instruct"))
         runner = JobRunner(JobStore(), RunnerSettings(poll_seconds=0.1))

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from scalpel import adapter_store
-from scalpel.cli import main
 from scalpel.errors import ScalpelError
 from scalpel.job_store import JobStore
+from tests.tiny_models import registered_home
 from training import jobs
 from training.runner import JobRunner, RunnerSettings
 
@@ -30,10 +30,7 @@ def config(adapter: str, **training) -> dict:
 
 @pytest.fixture(scope="module")
 def job_home(tiny_llama, tmp_path_factory):
-    home = tmp_path_factory.mktemp("jobs-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SCALPEL_HOME", str(home))
-        assert main(["models", "add", "tiny", str(tiny_llama), "--outtype", "f32"]) == 0
+    with registered_home(tmp_path_factory.mktemp("jobs-home"), tiny_llama) as home:
         (home / "facts.json").write_text(json.dumps(FACTS))
         yield home
 
