@@ -242,9 +242,12 @@ class JobStore:
             db.execute("INSERT INTO events (job_id, created_at, level, type, message, data) VALUES (?, ?, ?, ?, ?, ?)",
                        (job_id, time.time(), level, type, message, json.dumps(data) if data is not None else None))
 
-    def events(self, job_id: str, *, after: int = 0, limit: int = 1000, type: str | None = None,
-               newest_first: bool = False) -> list[Event]:
+    def events(self, job_id: str, *, after: int = 0, before: int | None = None, limit: int = 1000,
+               type: str | None = None, newest_first: bool = False) -> list[Event]:
+        """Events with after < seq (< before); `before` pages backwards, as OpenAI's event lists do."""
         query, args = "SELECT * FROM events WHERE job_id = ? AND seq > ?", [job_id, after]
+        if before is not None:
+            query, args = query + " AND seq < ?", args + [before]
         if type:
             query, args = query + " AND type = ?", args + [type]
         query += f" ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?"

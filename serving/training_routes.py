@@ -49,10 +49,10 @@ _OPENAI_STATUS = {"queued": "queued", "running": "running", "succeeded": "succee
                   "cancelled": "cancelled"}
 
 
-def _file_id(store: JobStore, path: str | None) -> str | None:
+def _file_id(path: str | None) -> str | None:
     if path is None:
         return None
-    return next((f.id for f in store.list_files() if f.path == path), path)
+    return jobs.upload_id(path) or path
 
 
 def openai_job_view(store: JobStore, job: Job) -> dict:
@@ -64,7 +64,7 @@ def openai_job_view(store: JobStore, job: Job) -> dict:
         "finished_at": int(job.finished_at) if job.finished_at else None,
         "fine_tuned_model": job.fine_tuned_model if job.status == "succeeded" else None,
         "organization_id": "org-scalpel", "result_files": [], "status": _OPENAI_STATUS[job.status],
-        "validation_file": _file_id(store, job.validation_file), "training_file": _file_id(store, job.training_file),
+        "validation_file": _file_id(job.validation_file), "training_file": _file_id(job.training_file),
         "hyperparameters": hp, "trained_tokens": job.trained_tokens,
         "error": job.error, "seed": job.config["training_config"]["seed"],
         "estimated_finish": int(job.created_at + eta) if eta else None, "integrations": [], "metadata": None,
@@ -231,8 +231,7 @@ def training_router(store: JobStore, runner: JobRunner, *, admin: object, client
     async def fine_tuning_events(job_id: str, after: str | None = None, limit: int = 20):
         await fine_tuning_job(job_id)
         before = _cursor(after, "ftevent-")
-        found = [e for e in await run(store.events, job_id, newest_first=True, limit=100_000)
-                 if before is None or e.seq < before]
+        found = await run(store.events, job_id, before=before, newest_first=True, limit=limit + 1)
         data = [{"id": f"ftevent-{e.seq}", "object": "fine_tuning.job.event", "created_at": int(e.created_at),
                  "level": e.level, "message": e.message, "data": e.data or {},
                  "type": "metrics" if e.type == "metrics" else "message"} for e in found[:limit]]
@@ -242,8 +241,7 @@ def training_router(store: JobStore, runner: JobRunner, *, admin: object, client
     async def fine_tuning_checkpoints(job_id: str, after: str | None = None, limit: int = 10):
         job = await fine_tuning_job(job_id)
         before = _cursor(after, "ftckpt-")
-        found = [e for e in await run(store.events, job_id, type="checkpoint", newest_first=True, limit=100_000)
-                 if before is None or e.seq < before]
+        found = await run(store.events, job_id, type="checkpoint", before=before, newest_first=True, limit=limit + 1)
         data = [{"id": f"ftckpt-{e.seq}", "object": "fine_tuning.job.checkpoint", "created_at": int(e.created_at),
                  "fine_tuning_job_id": job.id, "step_number": e.data["step"],
                  "fine_tuned_model_checkpoint": f"{job.fine_tuned_model}:ckpt-step-{e.data['step']}",

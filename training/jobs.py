@@ -66,14 +66,23 @@ def validate_dataset(path: Path, param: str, shown_as: str | None = None) -> int
     return len(examples)
 
 
+def uploads_dir() -> Path:
+    """Uploaded files are kept as <file id>.jsonl here."""
+    return paths.state_dir() / "files"
+
+
+def upload_id(path: str) -> str | None:
+    """The file id behind a stored upload's path (None for any other path)."""
+    stored = Path(path)
+    return stored.stem if stored.parent == uploads_dir() else None
+
+
 def store_upload(store: JobStore, filename: str, content: bytes, purpose: str) -> StoredFile:
     """OpenAI's file upload: only purpose 'fine-tune', validated before it is kept."""
     if purpose != "fine-tune":
         raise ScalpelError(f"purpose {purpose!r} is not supported; only 'fine-tune'", param="purpose")
     file_id = new_id("file")
-    folder = paths.state_dir() / "files"
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{file_id}.jsonl"
+    final = uploads_dir() / f"{file_id}.jsonl"
     with temporary_path(final) as tmp:
         tmp.write_bytes(content)
         n = validate_dataset(tmp, "file", shown_as=Path(filename).name or "upload")
