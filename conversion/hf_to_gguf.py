@@ -79,10 +79,10 @@ def _head_dim(config: dict, layout: BaseLayout) -> int:
     return config.get("head_dim") or config["hidden_size"] // layout.n_head
 
 
-def _write_metadata(writer: gguf.GGUFWriter, config: dict, layout: BaseLayout, outtype: str, name: str) -> None:
+def _write_metadata(writer: gguf.GGUFWriter, config: dict, layout: BaseLayout, rope: Rope, outtype: str,
+                    name: str) -> None:
     hidden = config["hidden_size"]
     head_dim = _head_dim(config, layout)
-    rope = rope_from_config(config, head_dim)
     writer.add_name(name)
     writer.add_context_length(config.get("max_position_embeddings", 4096))
     writer.add_embedding_length(hidden)
@@ -214,9 +214,9 @@ def convert_base(folder: Path, out_path: Path, *, outtype: str = "f16", progress
                 plan.append((f, key, name, choose_type(shape, outtype)))
     # Tensors that exist only in the GGUF, computed from the config (llama.cpp reads rope_freqs by this name).
     extra: dict[str, np.ndarray] = {}
-    freq_factors = rope_from_config(config, _head_dim(config, layout)).freq_factors
-    if freq_factors is not None:
-        extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = freq_factors
+    rope = rope_from_config(config, _head_dim(config, layout))
+    if rope.freq_factors is not None:
+        extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = rope.freq_factors
     names = {p[2] for p in plan}
     if "output.weight" not in names and not config.get("tie_word_embeddings", False):
         raise ScalpelError(f"{folder}: no lm_head weight and tie_word_embeddings is false", param="lm_head")
@@ -224,7 +224,7 @@ def convert_base(folder: Path, out_path: Path, *, outtype: str = "f16", progress
     n_bytes = 0
     with temporary_path(Path(out_path)) as tmp:
         writer = gguf.GGUFWriter(str(tmp), layout.arch_name)
-        _write_metadata(writer, config, layout, outtype, folder.name)
+        _write_metadata(writer, config, layout, rope, outtype, folder.name)
         _write_tokenizer(writer, folder, config["vocab_size"])
         for f, key, name, qtype in plan:
             with safe_open(str(f), framework="pt") as st:
