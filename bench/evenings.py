@@ -9,6 +9,7 @@ base-regression figures and wall time per update, and a summary JSON.
 
     .venv/bin/python bench/evenings.py [--evenings 10] [--out bench/results/evenings] [--arms scalpel,naive]
                                        [--epochs N] [--learning-rate LR] [--preservation-ratio R]
+                                       [--preservation-loss distill|answers]
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ sys.path.insert(0, str(ROOT))
 EVENINGS = ROOT / "examples" / "evenings"
 
 
-def _foundation(home: Path, epochs: float | None = None, learning_rate: float | None = None) -> dict:
+def _foundation(home: Path, epochs: float | None = None, learning_rate: float | None = None,
+                preservation_loss: str = "distill") -> dict:
     """The foundation adapter (with base-preservation examples, as every update has), evaluated as evening 0."""
     import random
 
     from scalpel import evaluate, model_store
     from scalpel.pipeline import train_and_publish
-    from scalpel.update import preservation_examples
+    from scalpel.update import PRESERVATION_CONCEPT, preservation_examples
     from serving.engine import Engine
     from training.config import load_config
 
@@ -41,6 +43,8 @@ def _foundation(home: Path, epochs: float | None = None, learning_rate: float | 
     config = load_config(ROOT / "examples" / "demo_config.json").model_copy(
         update={"output_dir": "./adapters/evenings_scalpel"})
     overrides = {k: v for k, v in (("num_epochs", epochs), ("learning_rate", learning_rate)) if v is not None}
+    if preservation_loss == "distill":
+        overrides["distill_concepts"] = [PRESERVATION_CONCEPT]
     config = config.model_copy(update={"training_config": config.training_config.model_copy(update=overrides)})
     knowledge = json.loads((EVENINGS / "foundation.json").read_text(encoding="utf-8"))
     engine = Engine(base)
@@ -115,6 +119,8 @@ def main() -> None:
                                                      "(default: examples/demo_config.json)")
     parser.add_argument("--learning-rate", type=float, help="learning rate for the foundation and every update")
     parser.add_argument("--preservation-ratio", type=float, default=0.5, help="the scalpel arm's preservation ratio")
+    parser.add_argument("--preservation-loss", choices=["distill", "answers"], default="distill",
+                        help="how the foundation and the scalpel arm learn the base-preservation examples")
     args = parser.parse_args()
     out = Path(args.out)
     home = out / "home"
@@ -124,11 +130,12 @@ def main() -> None:
     from scalpel.update import UpdateSettings, run_update
 
     started = time.time()
-    foundation = _foundation(home, args.epochs, args.learning_rate)
+    foundation = _foundation(home, args.epochs, args.learning_rate, args.preservation_loss)
     print(f"foundation v1 in {time.time() - started:.0f} s: {foundation['concepts']}, base agreement "
           f"{foundation['base_agreement']:.1%}, ppl {foundation['perplexity_change']:+.1%}", flush=True)
     recipe = {"num_epochs": args.epochs, "learning_rate": args.learning_rate}
-    settings = {"scalpel": UpdateSettings(**recipe, preservation_ratio=args.preservation_ratio),
+    settings = {"scalpel": UpdateSettings(**recipe, preservation_ratio=args.preservation_ratio,
+                                          preservation_loss=args.preservation_loss),
                 "naive": UpdateSettings(**recipe, gates=False, replay_ratio=0, preservation_ratio=0)}
     settings = {arm: value for arm, value in settings.items() if arm in args.arms.split(",")}
     arms: dict[str, list[dict]] = {arm: [{**foundation, "arm": arm}] for arm in settings}

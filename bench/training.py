@@ -1,11 +1,17 @@
 """Benchmark training throughput on the default model with the plan's LoRA settings (r=8, alpha=16, q/k/v):
-our trainer (padding-free packed batches, a whole optimizer step in one packed row when it fits, and
-logits computed only at answer positions) against a
-plain HF Trainer + PEFT run with transformers' default padding collator and the plan's batch_size=1 with
-gradient_accumulation_steps=4, on the same examples in the same order, in the same run. Also checks that both give the same
-loss on a fixed batch (packing must not let examples see each other), and reports each arm's peak RSS.
+our trainer (training/trainer.py's batching: short examples packed padding-free, a whole optimizer step in
+one packed row when it is short, longer examples padded in length-grouped batches, and logits computed only
+at answer positions) against a plain HF Trainer + PEFT run with transformers' default padding collator and
+random order, with the same batch size and gradient accumulation, over the same examples, in the same run.
+Also checks that packing and padding give the same loss on a fixed batch (packed examples must not see each
+other), and reports each arm's peak RSS.
 
-    .venv/bin/python bench/training.py [--steps 16] [--batch-size 1] [--accumulation 4] [--out bench/results]
+    .venv/bin/python bench/training.py [--steps N] [--batch-size 1] [--accumulation 4] [--data tron|plan-shaped]
+
+--data tron is the repository's example knowledge file: 30-word answers, 66-94 tokens per example, so there
+is little padding to remove. --data plan-shaped gives the same examples the answer lengths the plan's quality
+metric asks for (150+ words on average): each answer is 1 to 10 answers of its concept joined, so the
+lengths spread as real knowledge files do (about 60 to 600 tokens), which is what padding wastes compute on.
 """
 
 from __future__ import annotations
@@ -24,15 +30,34 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT / "examples" / "tron_collaborative_intelligence_training.json"
 
 
-def _rows(entry, max_len: int = 2048):
+def plan_shaped(examples: list) -> list:
+    """The examples with answers of 1 to 10 joined answers of the same concept (a fixed, spread-out pattern)."""
+    from training.dataset import Example
+    by_concept: dict[str, list] = {}
+    for ex in examples:
+        by_concept.setdefault(ex.concept, []).append(ex)
+    shaped = []
+    for i, ex in enumerate(examples):
+        group = by_concept[ex.concept]
+        start, parts = group.index(ex), 1 + (i * 7) % 10
+        answer = " ".join(group[(start + j) % len(group)].messages[-1]["content"] for j in range(parts))
+        shaped.append(Example(messages=ex.messages[:-1] + [{"role": "assistant", "content": answer}],
+                              concept=ex.concept, where=ex.where))
+    return shaped
+
+
+def _rows(entry, data: str = "tron", max_len: int = 2048):
     from training.base_model import load_tokenizer, template_info
     from training.dataset import load_examples, tokenize_example
     tokenizer, info = load_tokenizer(entry), template_info(entry)
-    rows = [tokenize_example(ex, tokenizer, info, max_len) for ex in load_examples(DATA)]
+    examples = load_examples(DATA)
+    if data == "plan-shaped":
+        examples = plan_shaped(examples)
+    rows = [tokenize_example(ex, tokenizer, info, max_len) for ex in examples]
     return tokenizer, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
 
 
-def _arm(packed: bool, steps: int, batch_size: int, accumulation: int, home: str) -> dict:
+def _arm(ours: bool, steps: int, batch_size: int, accumulation: int, data: str, home: str) -> dict:
     """One arm in its own process, so that its peak RSS is its own."""
     os.environ["SCALPEL_HOME"] = home
     import torch
@@ -44,6 +69,7 @@ def _arm(packed: bool, steps: int, batch_size: int, accumulation: int, home: str
     from training.config import TrainingSettings
     from training.trainer import (
         AnswerLogitsTrainer,
+        PadCollator,
         TokenizedDataset,
         micro_batching,
         pack_collator,
@@ -51,25 +77,29 @@ def _arm(packed: bool, steps: int, batch_size: int, accumulation: int, home: str
 
     torch.manual_seed(0)
     entry = model_store.ensure_default()
-    tokenizer, rows = _rows(entry)
+    tokenizer, rows = _rows(entry, data)
     model = load_model(entry)
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj"]))
     # The baseline is what a plain HF + PEFT script does: pad every batch to its longest example, and take
     # gradient accumulation as configured. Ours is what training/trainer.py does with the same settings.
-    collator = pack_collator() if packed else transformers.DataCollatorForSeq2Seq(tokenizer, padding=True)
-    micro, accumulate = batch_size, accumulation
-    if packed:
-        micro, accumulate = micro_batching(TrainingSettings(batch_size=batch_size, gradient_accumulation_steps=accumulation),
-                                           max(len(r["input_ids"]) for r in rows))
+    collator = transformers.DataCollatorForSeq2Seq(tokenizer, padding=True)
+    micro, accumulate, how = batch_size, accumulation, "padded"
+    if ours:
+        batching = micro_batching(TrainingSettings(batch_size=batch_size, gradient_accumulation_steps=accumulation),
+                                  max(len(r["input_ids"]) for r in rows))
+        micro, accumulate = batching.micro, batching.accumulate
+        collator = pack_collator() if batching.packed else PadCollator(tokenizer.pad_token_id)
+        how = "packed" if batching.packed else "grouped by length" if micro > 1 else "one per pass"
     args = transformers.TrainingArguments(
         output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulate,
         learning_rate=1e-4, logging_steps=steps, save_strategy="no", report_to=[], disable_tqdm=True,
         remove_unused_columns=False, seed=42, data_seed=42, dataloader_num_workers=0)
-    trainer_class = AnswerLogitsTrainer if packed else transformers.Trainer
+    trainer_class = AnswerLogitsTrainer if ours else transformers.Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=TokenizedDataset(rows), data_collator=collator)
+    trainer.group_by_length = ours and how == "grouped by length"
     seen = {"real": 0, "computed": 0}
     original = trainer.training_step
 
@@ -81,14 +111,14 @@ def _arm(packed: bool, steps: int, batch_size: int, accumulation: int, home: str
 
     trainer.training_step = counting_step
     metrics = trainer.train().metrics
-    return {"arm": f"{'scalpel (packed)' if packed else 'HF default (padded)'} {micro}x{accumulate}",
+    return {"arm": f"{'scalpel' if ours else 'HF default'} ({how}) {micro}x{accumulate}",
             "train_seconds": metrics["train_runtime"], "real_tokens": seen["real"],
             "computed_tokens": seen["computed"], "tokens_per_second": seen["real"] / metrics["train_runtime"],
             "final_loss": metrics["train_loss"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _fixed_batch_losses(batch_size: int, home: str) -> dict:
+def _fixed_batch_losses(batch_size: int, data: str, home: str) -> dict:
     os.environ["SCALPEL_HOME"] = home
     import torch
     import transformers
@@ -98,7 +128,7 @@ def _fixed_batch_losses(batch_size: int, home: str) -> dict:
     from training.trainer import pack_collator
 
     entry = model_store.ensure_default()
-    tokenizer, rows = _rows(entry)
+    tokenizer, rows = _rows(entry, data)
     model = load_model(entry).eval()
     model.config.use_cache = False
     batch = rows[:batch_size]
@@ -118,17 +148,22 @@ def _in_child(fn, *args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: one epoch, so both arms see "
+                        "every example once whatever order they take them in)")
     parser.add_argument("--batch-size", type=int, default=1, help="the plan's batch_size")
     parser.add_argument("--accumulation", type=int, default=4, help="the plan's gradient_accumulation_steps")
+    parser.add_argument("--data", choices=["tron", "plan-shaped"], default="tron")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     home = os.environ.get("SCALPEL_HOME", str(ROOT))
-    losses = _in_child(_fixed_batch_losses, args.batch_size * args.accumulation, home)
+    if args.steps is None:
+        examples = len(json.loads(DATA.read_text(encoding="utf-8")))
+        args.steps = -(-examples // (args.batch_size * args.accumulation))
+    losses = _in_child(_fixed_batch_losses, args.batch_size * args.accumulation, args.data, home)
     print(f"fixed batch of {args.batch_size * args.accumulation}: padded loss {losses['padded_loss']:.6f}, packed loss "
           f"{losses['packed_loss']:.6f} (|diff| {losses['abs_diff']:.2e})")
-    baseline = _in_child(_arm, False, args.steps, args.batch_size, args.accumulation, home)
-    ours = _in_child(_arm, True, args.steps, args.batch_size, args.accumulation, home)
+    baseline = _in_child(_arm, False, args.steps, args.batch_size, args.accumulation, args.data, home)
+    ours = _in_child(_arm, True, args.steps, args.batch_size, args.accumulation, args.data, home)
     assert baseline["real_tokens"] == ours["real_tokens"], "both arms must see the same examples"
     ratio = ours["tokens_per_second"] / baseline["tokens_per_second"]
     for arm in (baseline, ours):
@@ -138,11 +173,12 @@ def main() -> None:
     print(f"speed-up {ratio:.2f}x (target >= 1.3x)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"steps": args.steps, "batch_size": args.batch_size, "accumulation": args.accumulation,
+    result = {"data": args.data, "steps": args.steps, "batch_size": args.batch_size, "accumulation": args.accumulation,
               "fixed_batch": losses, "baseline": baseline,
-              "packed": ours, "speedup": ratio}
-    (out / "training.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'training.json'}")
+              "ours": ours, "speedup": ratio}
+    written = out / f"training-{args.data}-{args.batch_size}x{args.accumulation}.json"
+    written.write_text(json.dumps(result, indent=2))
+    print(f"wrote {written}")
 
 
 if __name__ == "__main__":

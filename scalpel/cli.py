@@ -354,7 +354,7 @@ def cmd_update(args) -> None:
     if bool(args.data) == bool(args.inbox):
         raise ScalpelError("give either --data FILE (with an optional --eval) or --inbox DIR", param="data")
     values = {"replay_ratio": args.replay_ratio, "preservation_ratio": args.preservation_ratio,
-              "num_epochs": args.epochs, "learning_rate": args.learning_rate,
+              "preservation_loss": args.preservation_loss, "num_epochs": args.epochs, "learning_rate": args.learning_rate,
               "min_retention": args.min_retention, "min_new_knowledge": args.min_new_knowledge,
               "min_base_agreement": args.min_base_agreement}
     try:
@@ -552,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "then archive it")
     up.add_argument("--replay-ratio", type=float, help="earlier examples replayed per new example (default 1)")
     up.add_argument("--preservation-ratio", type=float, help="base-model answers per new example (default 0.5)")
+    up.add_argument("--preservation-loss", choices=["distill", "answers"],
+                    help="distill (default): match the base's whole next-token distribution on those answers "
+                         "(KL); answers: learn them as ordinary answers")
     up.add_argument("--epochs", type=float, help="default: the live version's num_epochs")
     up.add_argument("--learning-rate", type=float, help="default: the live version's learning_rate")
     up.add_argument("--min-retention", type=float, help="gate on earlier suites (default 0.95)")

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,6 +45,9 @@ class UpdateSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     replay_ratio: float = Field(1.0, ge=0)        # earlier examples per new example
     preservation_ratio: float = Field(0.5, ge=0)  # base-model answers per new example
+    # "distill": on those answers the adapted model is pulled toward the base's whole next-token distribution
+    # (KL, training_config.distill_concepts); "answers": they are learned as ordinary answers.
+    preservation_loss: Literal["distill", "answers"] = "distill"
     num_epochs: float | None = Field(None, gt=0)  # default: the live version's config
     learning_rate: float | None = Field(None, gt=0, lt=1)
     min_new_knowledge: float = Field(0.95, ge=0, le=1)
@@ -205,6 +209,7 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
             overrides = {k: v for k, v in (("num_epochs", settings.num_epochs),
                                            ("learning_rate", settings.learning_rate)) if v is not None}
             # The new version goes beside the live one, whatever output_dir the first version was trained with.
+            overrides["distill_concepts"] = [PRESERVATION_CONCEPT] if settings.preservation_loss == "distill" else []
             config = parse_config({**config, "output_dir": str(adapter_store.root_for_name(name)),
                                    "training_config": {**config["training_config"], **overrides}})
             work = Path(tempfile.mkdtemp(prefix="update-", dir=paths.state_dir()))

@@ -57,8 +57,14 @@ class TrainingSettings(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     balance_concepts: bool = False  # oversample smaller concepts so each is seen as often as the largest
-    packing: bool = True  # padding-free batches (bench/training.py measures the gain); same loss as padding
+    packing: bool = True  # padding-free packed rows for short examples (bench/training.py measures the gain)
+    group_by_length: bool = True  # padded batches are formed from examples of similar length
     validation_split: float = Field(0.0, ge=0, lt=0.5)  # hold out this share of the data for eval_steps
+    # Examples of these concepts are learned by distillation: on their answers the adapted model is pulled
+    # toward the bare base's whole next-token distribution (KL divergence, adapter switched off), not toward
+    # the answer's tokens. The evening update marks its base-preservation examples so.
+    distill_concepts: list[str] = Field(default_factory=list)
+    distill_weight: float = Field(1.0, gt=0)  # the KL term's weight against the answer-token loss
 
 
 class TrainConfig(Strict):

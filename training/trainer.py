@@ -15,6 +15,7 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
 from scalpel.errors import ScalpelError
@@ -35,7 +36,10 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
-        return {"input_ids": row["input_ids"], "labels": row["labels"]}
+        item = {"input_ids": row["input_ids"], "labels": row["labels"]}
+        if "distill" in row:
+            item["distill"] = row["distill"]
+        return item
 
 
 @dataclass
@@ -63,18 +67,65 @@ def pack_collator() -> transformers.DataCollatorWithFlattening:
     return transformers.DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
 
 
-def micro_batching(tc, longest: int) -> tuple[int, int]:
-    """(examples per forward pass, gradient accumulation steps) for a TrainingSettings.
+@dataclass
+class DistillMask:
+    """Wraps a collator: adds `distill`, True on every token of the examples learned by distillation, laid
+    out as the wrapped collator lays out the tokens (one packed row, or one padded row per example)."""
+    collate: object
 
-    With packing, a whole optimizer step (batch_size x gradient_accumulation_steps examples) goes through the
-    model as one packed row when it fits in max_seq_length tokens even if every example were the longest.
-    The update is the same (the Trainer weighs accumulated losses by token count, as one batch does); it
-    just comes from fewer, larger matrix products, which is where a CPU or GPU is efficient.
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        out = self.collate([{"input_ids": b["input_ids"], "labels": b["labels"]} for b in batch])
+        flags = [torch.full((len(b["input_ids"]),), bool(b.get("distill")), dtype=torch.bool) for b in batch]
+        if out["input_ids"].shape[0] == 1:  # packed end to end (or a single example)
+            out["distill"] = torch.cat(flags)[None]
+        else:
+            out["distill"] = torch.nn.utils.rnn.pad_sequence(flags, batch_first=True, padding_value=False)
+        return out
+
+
+# The longest packed row worth forming. A packed row's attention is computed densely under its block-diagonal
+# mask, so its cost grows with the square of the row; on a CPU, beyond a few hundred tokens that outweighs
+# what fewer, larger matrix products gain (bench/training.py: 0.82x for rows of four ~260-token examples).
+PACKED_ROW_TOKENS = 512
+
+
+@dataclass
+class Batching:
+    """How examples become forward passes: `micro` examples per pass, `accumulate` passes per optimizer step,
+    either packed end to end in one row or padded (and then grouped by length, so little is padded)."""
+    micro: int
+    accumulate: int
+    packed: bool
+
+
+def micro_batching(tc, longest: int) -> Batching:
+    """The batching for a TrainingSettings whose longest tokenized example has `longest` tokens.
+
+    Short examples are packed, and a whole optimizer step (batch_size x gradient_accumulation_steps
+    examples) goes through the model as one packed row when that row stays short even if every example
+    were the longest: the update is the same (the Trainer weighs accumulated losses by token count, as one
+    batch does), it just comes from fewer, larger matrix products. Longer examples are padded in batches
+    of similar length (`group_by_length`), which wastes little and keeps attention per example.
     """
+    row_limit = min(PACKED_ROW_TOKENS, tc.max_seq_length)
     step = tc.batch_size * tc.gradient_accumulation_steps
-    if tc.packing and tc.gradient_accumulation_steps > 1 and step * longest <= tc.max_seq_length:
-        return step, 1
-    return tc.batch_size, tc.gradient_accumulation_steps
+    if tc.packing and tc.gradient_accumulation_steps > 1 and step * longest <= row_limit:
+        return Batching(step, 1, packed=True)
+    packed = tc.packing and tc.batch_size * longest <= row_limit
+    return Batching(tc.batch_size, tc.gradient_accumulation_steps, packed)
+
+
+class SeededLengthGroups(LengthGroupedSampler):
+    """transformers' length-grouped order, drawn from a generator seeded per epoch (the Trainer calls
+    set_epoch), so a run resumed from a checkpoint sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
 
 
 class AnswerLogitsTrainer(transformers.Trainer):
@@ -85,20 +136,46 @@ class AnswerLogitsTrainer(transformers.Trainer):
     prompt (transformers' `logits_to_keep`) saves real time. The loss is the same token-weighted mean.
     """
 
+    distill_weight: float = 1.0
+    group_by_length: bool = False
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length or self.args.per_device_train_batch_size == 1:
+            return super()._get_train_sampler(train_dataset)
+        return SeededLengthGroups(self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps,
+                                  [len(row["input_ids"]) for row in dataset.rows], self.args.data_seed or self.args.seed)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
+        distill = inputs.get("distill")
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "distill")}
         targets = labels[:, 1:]  # position t predicts token t + 1
         learned = targets != IGNORE_INDEX
         keep = learned.any(dim=0).nonzero().squeeze(-1)
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+        outputs = model(**model_inputs, logits_to_keep=keep)
         logits = outputs.logits
+        targets = targets[:, keep]
+        distilled = (distill[:, 1:][:, keep] & (targets != IGNORE_INDEX)) if distill is not None else None
+        if distilled is not None:
+            targets = targets.masked_fill(distilled, IGNORE_INDEX)
         total = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                  targets[:, keep].reshape(-1), ignore_index=IGNORE_INDEX,
+                                                  targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                                   reduction="sum")
+        if distilled is not None and distilled.any():
+            total = total + self.distill_weight * self._kl_to_base(model, model_inputs, keep, logits, distilled)
         # Over the whole accumulated step when the Trainer counted it (then it is not rescaled), else this batch.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         loss = total / (num_items_in_batch if num_items_in_batch is not None else learned.sum().clamp(min=1))
         return (loss, outputs) if return_outputs else loss
+
+    def _kl_to_base(self, model, model_inputs, keep, logits, distilled) -> torch.Tensor:
+        """Sum over the distilled positions of KL(base || adapted): the bare base's prediction is the target."""
+        with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+            base_logits = model(**model_inputs, logits_to_keep=keep).logits
+        base = base_logits[distilled].float().log_softmax(-1)
+        adapted = logits[distilled].float().log_softmax(-1)
+        return torch.nn.functional.kl_div(adapted, base, log_target=True, reduction="sum")
 
 
 class LossProgress(ProgressCallback):
@@ -186,14 +263,15 @@ def choose_precision(requested: str) -> str:
 
 
 def training_arguments(config: TrainConfig, work_dir: Path, *, has_eval: bool, max_steps: int | None = None,
-                       progress: bool = True, longest: int | None = None) -> transformers.TrainingArguments:
+                       progress: bool = True, batching: Batching | None = None) -> transformers.TrainingArguments:
     """Every field of the plan's training_config, mapped onto the HF Trainer's arguments.
 
-    `longest` is the longest tokenized example; with packing it decides how micro-batches are formed.
+    `batching` (from micro_batching) sets the micro-batches; without it they are the config's own.
     """
     tc = config.training_config
     precision = choose_precision(tc.precision)
-    micro, accumulate = micro_batching(tc, longest or tc.max_seq_length)
+    batching = batching or Batching(tc.batch_size, tc.gradient_accumulation_steps, packed=False)
+    micro, accumulate = batching.micro, batching.accumulate
     return transformers.TrainingArguments(
         output_dir=str(work_dir / CHECKPOINTS),
         num_train_epochs=tc.num_epochs,
@@ -208,7 +286,7 @@ def training_arguments(config: TrainConfig, work_dir: Path, *, has_eval: bool, m
         save_strategy="steps",
         save_steps=tc.save_steps,
         save_total_limit=2,  # enough to resume from; older checkpoints are removed as training goes
-        include_num_input_tokens_seen="all" if tc.packing else "non_padding",  # a packed batch has no padding
+        include_num_input_tokens_seen="all" if batching.packed else "non_padding",  # a packed batch has no padding
         eval_strategy="steps" if has_eval else "no",
         eval_steps=tc.eval_steps,
         lr_scheduler_type=tc.lr_scheduler_type,
@@ -283,6 +361,9 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
     tokenizer = load_tokenizer(entry)
     max_len = config.training_config.max_seq_length
     rows = _tokenize_all(examples, tokenizer, entry, max_len)
+    distill = set(config.training_config.distill_concepts)
+    if distill:
+        rows = [{**row, "distill": row["concept"] in distill} for row in rows]
     if config.training_config.balance_concepts:
         rows = balance_by_concept(rows, config.training_config.seed)
     eval_rows = _tokenize_all(eval_examples, tokenizer, entry, max_len) if eval_examples else None
@@ -295,13 +376,17 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
         model = PeftModel.from_pretrained(base_model, str(init_adapter), is_trainable=True)
     else:
         model = get_peft_model(base_model, lora_config(config))
+    batching = micro_batching(config.training_config, max(len(r["input_ids"]) for r in rows))
     args = training_arguments(config, work_dir, has_eval=bool(eval_rows), max_steps=max_steps,
-                              progress=progress, longest=max(len(r["input_ids"]) for r in rows))
+                              progress=progress, batching=batching)
     collate = PadCollator(tokenizer.pad_token_id)
+    train_collate = pack_collator() if batching.packed else collate
     trainer = AnswerLogitsTrainer(
         model=model, args=args, train_dataset=TokenizedDataset(rows),
         eval_dataset=TokenizedDataset(eval_rows) if eval_rows else None,
-        data_collator=pack_collator() if config.training_config.packing else collate)
+        data_collator=DistillMask(train_collate) if distill else train_collate)
+    trainer.distill_weight = config.training_config.distill_weight
+    trainer.group_by_length = config.training_config.group_by_length and not batching.packed
     if eval_rows:
         trainer.add_callback(ConceptLossOnEval(eval_rows, collate))
     if progress:

@@ -77,3 +77,73 @@ def test_answer_only_logits_give_the_models_own_loss(tiny_llama, tmp_path):
         ours, outputs = trainer.compute_loss(model, batch, return_outputs=True)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
     assert outputs.logits.shape[1] < batch["input_ids"].shape[1], "prompt positions were not projected"
+
+
+def test_batching_packs_short_examples_and_groups_long_ones():
+    from training.config import TrainingSettings
+    from training.trainer import PACKED_ROW_TOKENS, micro_batching
+
+    plan = TrainingSettings(batch_size=1, gradient_accumulation_steps=4)
+    short = micro_batching(plan, longest=90)
+    assert (short.micro, short.accumulate, short.packed) == (4, 1, True)  # the whole step in one short row
+    long = micro_batching(plan, longest=PACKED_ROW_TOKENS // 2)
+    assert (long.micro, long.accumulate) == (1, 4)  # four long examples would make a slow row
+    batch4 = micro_batching(TrainingSettings(batch_size=4), longest=400)
+    assert (batch4.micro, batch4.packed) == (4, False)  # padded, in length-grouped batches
+    off = micro_batching(plan.model_copy(update={"packing": False}), longest=90)
+    assert (off.micro, off.accumulate, off.packed) == (1, 4, False)
+
+
+def test_length_groups_are_similar_in_length_and_repeat_per_epoch():
+    from training.trainer import SeededLengthGroups
+
+    lengths = [((i * 37) % 100) + 10 for i in range(96)]
+    sampler = SeededLengthGroups(4, lengths, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(96))
+    spread = [max(lengths[i] for i in first[k:k + 4]) - min(lengths[i] for i in first[k:k + 4])
+              for k in range(0, 96, 4)]
+    assert sum(spread) / len(spread) < 15  # random batches of 4 spread ~50 tokens here
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first
+    again = SeededLengthGroups(4, lengths, seed=3)  # a resumed run builds a new sampler
+    again.set_epoch(1)
+    assert list(again) == second
+
+
+def test_distilled_examples_pull_toward_the_base_distribution(tiny_llama, tmp_path):
+    """Distilled tokens are scored by KL to the bare base (adapter off), not by their labels: a fresh adapter
+    (which leaves the base unchanged) scores zero on them whatever the labels say, while ordinary tokens keep
+    their cross-entropy; and once the adapter differs, the distilled term is positive."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from training.trainer import IGNORE_INDEX, AnswerLogitsTrainer, DistillMask, pack_collator
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    base.config.use_cache = False
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            lora_dropout=0.0)).eval()
+    rows = []
+    for n, distill in ((12, False), (15, True), (9, True)):
+        ids = torch.randint(3, 300, (n,)).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 4 + ids[4:], "distill": distill})
+    batch = DistillMask(pack_collator())(rows)
+    assert batch["distill"].shape == batch["input_ids"].shape
+    assert batch["distill"][0].tolist() == [False] * 12 + [True] * 24
+    trainer = AnswerLogitsTrainer(model=model, args=transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    with torch.no_grad():
+        ordinary = DistillMask(pack_collator())(rows[:1])
+        ce_sum = trainer.compute_loss(model, ordinary) * 8  # the first example's 8 learned tokens
+        mixed = trainer.compute_loss(model, batch) * (8 + 11 + 5)
+        torch.testing.assert_close(mixed, ce_sum, atol=1e-4, rtol=1e-4)  # the distilled part adds exactly 0
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.5)
+        distilled_only = DistillMask(pack_collator())(rows[1:])
+        assert float(trainer.compute_loss(model, distilled_only)) > 1e-3
