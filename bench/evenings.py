@@ -9,7 +9,7 @@ base-regression figures and wall time per update, and a summary JSON.
 
     .venv/bin/python bench/evenings.py [--evenings 10] [--out bench/results/evenings] [--arms scalpel,naive]
                                        [--epochs N] [--learning-rate LR] [--preservation-ratio R]
-                                       [--preservation-loss distill|answers]
+                                       [--preservation-loss distill|answers] [--preservation-weight W]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ EVENINGS = ROOT / "examples" / "evenings"
 
 
 def _foundation(home: Path, epochs: float | None = None, learning_rate: float | None = None,
-                preservation_loss: str = "distill") -> dict:
+                preservation_loss: str = "distill", preservation_weight: float = 4.0) -> dict:
     """The foundation adapter (with base-preservation examples, as every update has), evaluated as evening 0."""
     import random
 
@@ -44,7 +44,7 @@ def _foundation(home: Path, epochs: float | None = None, learning_rate: float | 
         update={"output_dir": "./adapters/evenings_scalpel"})
     overrides = {k: v for k, v in (("num_epochs", epochs), ("learning_rate", learning_rate)) if v is not None}
     if preservation_loss == "distill":
-        overrides["distill_concepts"] = [PRESERVATION_CONCEPT]
+        overrides.update(distill_concepts=[PRESERVATION_CONCEPT], distill_weight=preservation_weight)
     config = config.model_copy(update={"training_config": config.training_config.model_copy(update=overrides)})
     knowledge = json.loads((EVENINGS / "foundation.json").read_text(encoding="utf-8"))
     engine = Engine(base)
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--preservation-ratio", type=float, default=0.5, help="the scalpel arm's preservation ratio")
     parser.add_argument("--preservation-loss", choices=["distill", "answers"], default="distill",
                         help="how the foundation and the scalpel arm learn the base-preservation examples")
+    parser.add_argument("--preservation-weight", type=float, default=4.0, help="weight of the distillation term")
     args = parser.parse_args()
     out = Path(args.out)
     home = out / "home"
@@ -130,12 +131,14 @@ def main() -> None:
     from scalpel.update import UpdateSettings, run_update
 
     started = time.time()
-    foundation = _foundation(home, args.epochs, args.learning_rate, args.preservation_loss)
+    foundation = _foundation(home, args.epochs, args.learning_rate, args.preservation_loss,
+                             args.preservation_weight)
     print(f"foundation v1 in {time.time() - started:.0f} s: {foundation['concepts']}, base agreement "
           f"{foundation['base_agreement']:.1%}, ppl {foundation['perplexity_change']:+.1%}", flush=True)
     recipe = {"num_epochs": args.epochs, "learning_rate": args.learning_rate}
     settings = {"scalpel": UpdateSettings(**recipe, preservation_ratio=args.preservation_ratio,
-                                          preservation_loss=args.preservation_loss),
+                                          preservation_loss=args.preservation_loss,
+                                          preservation_weight=args.preservation_weight),
                 "naive": UpdateSettings(**recipe, gates=False, replay_ratio=0, preservation_ratio=0)}
     settings = {arm: value for arm, value in settings.items() if arm in args.arms.split(",")}
     arms: dict[str, list[dict]] = {arm: [{**foundation, "arm": arm}] for arm in settings}

@@ -354,7 +354,8 @@ def cmd_update(args) -> None:
     if bool(args.data) == bool(args.inbox):
         raise ScalpelError("give either --data FILE (with an optional --eval) or --inbox DIR", param="data")
     values = {"replay_ratio": args.replay_ratio, "preservation_ratio": args.preservation_ratio,
-              "preservation_loss": args.preservation_loss, "num_epochs": args.epochs, "learning_rate": args.learning_rate,
+              "preservation_loss": args.preservation_loss, "preservation_weight": args.preservation_weight,
+              "num_epochs": args.epochs, "learning_rate": args.learning_rate,
               "min_retention": args.min_retention, "min_new_knowledge": args.min_new_knowledge,
               "min_base_agreement": args.min_base_agreement}
     try:
@@ -555,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--preservation-loss", choices=["distill", "answers"],
                     help="distill (default): match the base's whole next-token distribution on those answers "
                          "(KL); answers: learn them as ordinary answers")
+    up.add_argument("--preservation-weight", type=float, help="weight of the distillation term (default 4)")
     up.add_argument("--epochs", type=float, help="default: the live version's num_epochs")
     up.add_argument("--learning-rate", type=float, help="default: the live version's learning_rate")
     up.add_argument("--min-retention", type=float, help="gate on earlier suites (default 0.95)")

@@ -48,6 +48,7 @@ class UpdateSettings(BaseModel):
     # "distill": on those answers the adapted model is pulled toward the base's whole next-token distribution
     # (KL, training_config.distill_concepts); "answers": they are learned as ordinary answers.
     preservation_loss: Literal["distill", "answers"] = "distill"
+    preservation_weight: float = Field(4.0, gt=0)  # the distillation term's weight (training_config.distill_weight)
     num_epochs: float | None = Field(None, gt=0)  # default: the live version's config
     learning_rate: float | None = Field(None, gt=0, lt=1)
     min_new_knowledge: float = Field(0.95, ge=0, le=1)
@@ -210,6 +211,7 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
                                            ("learning_rate", settings.learning_rate)) if v is not None}
             # The new version goes beside the live one, whatever output_dir the first version was trained with.
             overrides["distill_concepts"] = [PRESERVATION_CONCEPT] if settings.preservation_loss == "distill" else []
+            overrides["distill_weight"] = settings.preservation_weight
             config = parse_config({**config, "output_dir": str(adapter_store.root_for_name(name)),
                                    "training_config": {**config["training_config"], **overrides}})
             work = Path(tempfile.mkdtemp(prefix="update-", dir=paths.state_dir()))

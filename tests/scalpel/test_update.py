@@ -54,6 +54,7 @@ def test_an_update_replays_old_data_and_keeps_every_suite(foundation, home):
     manifest = result.version.manifest
     assert manifest["parent_version"] == "v1"
     assert manifest["update"]["replayed"] == 6 and manifest["update"]["preservation"] == 3
+    assert manifest["config"]["training_config"]["distill_concepts"] == ["base_preservation"]  # learned by KL
     assert set(manifest["eval"]["suites"]) == {"foundation", "evening_suite"}
     assert manifest["eval"]["base_regression"]["agreement"] is not None
     assert (result.version.path / "eval" / "evening_suite.json").is_file()
