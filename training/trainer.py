@@ -134,6 +134,9 @@ class AnswerLogitsTrainer(transformers.Trainer):
     Loss is taken on answer tokens only, so the logits of prompt positions are never used. On a small
     model the projection onto a 49k vocabulary is a fifth of the forward pass, so skipping it for the
     prompt (transformers' `logits_to_keep`) saves real time. The loss is the same token-weighted mean.
+
+    Tokens flagged `distill` (see DistillMask) are scored by KL divergence to the bare base instead of by
+    their labels, and `group_by_length` makes padded batches from examples of similar length.
     """
 
     distill_weight: float = 1.0
