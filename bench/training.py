@@ -85,13 +85,14 @@ def _arm(ours: bool, steps: int, batch_size: int, accumulation: int, data: str, 
     # The baseline is what a plain HF + PEFT script does: pad every batch to its longest example, and take
     # gradient accumulation as configured. Ours is what training/trainer.py does with the same settings.
     collator = transformers.DataCollatorForSeq2Seq(tokenizer, padding=True)
-    micro, accumulate, how = batch_size, accumulation, "padded"
+    micro, accumulate, how, grouped = batch_size, accumulation, "padded", False
     if ours:
         batching = micro_batching(TrainingSettings(batch_size=batch_size, gradient_accumulation_steps=accumulation),
                                   max(len(r["input_ids"]) for r in rows))
         micro, accumulate = batching.micro, batching.accumulate
         collator = pack_collator() if batching.packed else PadCollator(tokenizer.pad_token_id)
-        how = "packed" if batching.packed else "grouped by length" if micro > 1 else "one per pass"
+        grouped = not batching.packed and micro > 1
+        how = "packed" if batching.packed else "grouped by length" if grouped else "one per pass"
     args = transformers.TrainingArguments(
         output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulate,
@@ -99,7 +100,7 @@ def _arm(ours: bool, steps: int, batch_size: int, accumulation: int, data: str, 
         remove_unused_columns=False, seed=42, data_seed=42, dataloader_num_workers=0)
     trainer_class = AnswerLogitsTrainer if ours else transformers.Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=TokenizedDataset(rows), data_collator=collator)
-    trainer.group_by_length = ours and how == "grouped by length"
+    trainer.group_by_length = grouped
     seen = {"real": 0, "computed": 0}
     original = trainer.training_step
 

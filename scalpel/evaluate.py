@@ -114,18 +114,34 @@ def run_suite(engine: Engine, adapters: AdapterSet, items: list[EvalItem], name:
 # ----- base regression -----
 
 def base_reference(engine: Engine, prompts: list[str] | None = None) -> list[dict]:
-    """The bare base's greedy answers to the general prompts, recorded once per base and cached."""
+    """The bare base's greedy answers to the general prompts, recorded once per base and cached.
+
+    With each answer, `base_choices`: the base's own pick at every answer position when the answer is
+    scored teacher-forced in one batch, as base_regression scores an adapted model. llama.cpp's batched
+    and one-token kernels round differently, so these differ from the generated tokens at about 2% of
+    positions; comparing like with like, the bare base agrees with itself exactly.
+    """
     prompts = prompts if prompts is not None else json.loads(GENERAL_PROMPTS.read_text(encoding="utf-8"))
-    key = hashlib.sha256(json.dumps([engine.base.fingerprint, prompts, ANSWER_TOKENS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([engine.base.fingerprint, prompts, ANSWER_TOKENS, "base_choices"])
+                         .encode()).hexdigest()[:16]
     cache = paths.state_dir() / "references" / f"{paths.check_name(engine.base.name, 'model')}-{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text(encoding="utf-8"))
     reference = []
     for prompt in prompts:
         answer, ids = _generate(engine, (), prompt, ANSWER_TOKENS)
-        reference.append({"prompt": prompt, "answer": answer, "answer_ids": ids})
+        choices = _answer_choices(engine, (), prompt, ids) if ids else []
+        reference.append({"prompt": prompt, "answer": answer, "answer_ids": ids, "base_choices": choices})
     write_json(cache, reference)
     return reference
+
+
+def _answer_choices(engine: Engine, adapters: AdapterSet, prompt: str, answer_ids: list[int]) -> list[int]:
+    """The token the model picks at each position of the answer, teacher-forced after the chat prompt."""
+    tokens = engine.chat_tokens([{"role": "user", "content": prompt}])
+    start = len(tokens)
+    _, choices = engine.score(tokens + answer_ids, adapters)
+    return [int(c) for c in choices[start - 1:]]
 
 
 @dataclass
@@ -148,16 +164,11 @@ def base_regression(engine: Engine, adapters: AdapterSet, reference: list[dict],
     agreed = total = 0
     per_prompt = []
     for ref in reference:
-        prompt = engine.chat_tokens([{"role": "user", "content": ref["prompt"]}])
-        tokens, start = prompt + ref["answer_ids"], len(prompt)
-        if len(tokens) <= start:
+        if not ref["answer_ids"]:
             continue
-        # Against the base's own choices scored the same way (teacher-forced, in one batch), not against the
-        # generated tokens: llama.cpp's batched and one-token kernels round differently, so the bare base
-        # itself would otherwise "disagree" with its answers at about 2% of positions.
-        _, base_choices = engine.score(tokens, ())
-        _, choices = engine.score(tokens, adapters) if adapters else (None, base_choices)
-        hits = [int(choices[i - 1] == base_choices[i - 1]) for i in range(start, len(tokens))]
+        base_choices = ref["base_choices"]  # scored the same way (see base_reference)
+        choices = _answer_choices(engine, adapters, ref["prompt"], ref["answer_ids"]) if adapters else base_choices
+        hits = [int(a == b) for a, b in zip(choices, base_choices)]
         agreed, total = agreed + sum(hits), total + len(hits)
         per_prompt.append({"prompt": ref["prompt"], "agreement": sum(hits) / len(hits),
                            "first_divergence": hits.index(0) if 0 in hits else None})

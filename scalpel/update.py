@@ -209,9 +209,9 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
             config = live.manifest["config"]
             overrides = {k: v for k, v in (("num_epochs", settings.num_epochs),
                                            ("learning_rate", settings.learning_rate)) if v is not None}
-            # The new version goes beside the live one, whatever output_dir the first version was trained with.
             overrides["distill_concepts"] = [PRESERVATION_CONCEPT] if settings.preservation_loss == "distill" else []
             overrides["distill_weight"] = settings.preservation_weight
+            # The new version goes beside the live one, whatever output_dir the first version was trained with.
             config = parse_config({**config, "output_dir": str(adapter_store.root_for_name(name)),
                                    "training_config": {**config["training_config"], **overrides}})
             work = Path(tempfile.mkdtemp(prefix="update-", dir=paths.state_dir()))

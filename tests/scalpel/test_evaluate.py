@@ -54,6 +54,7 @@ def test_score_agrees_with_what_generation_picks(engine_and_adapter):
     """Teacher-forced greedy choices along the base's own greedy answer are that answer."""
     _, engine, _ = engine_and_adapter
     reference = evaluate.base_reference(engine, ["What does 42 mean?", "Say hello."])
+    assert all(ref["answer_ids"] and ref["base_choices"] == ref["answer_ids"] for ref in reference)
     result = evaluate.base_regression(engine, (), reference, text="The quick brown fox jumps over the lazy dog.")
     assert result.agreement == 1.0 and all(p["first_divergence"] is None for p in result.per_prompt)
     assert result.perplexity == result.perplexity_base and np.isfinite(result.perplexity)
