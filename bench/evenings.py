@@ -8,7 +8,7 @@ Writes, per arm, the retention matrix (concept x version) as CSV and both arms a
 base-regression figures and wall time per update, and a summary JSON.
 
     .venv/bin/python bench/evenings.py [--evenings 10] [--out bench/results/evenings] [--arms scalpel,naive]
-                                       [--epochs N] [--learning-rate LR] [--preservation-ratio R]
+                                       [--epochs 8] [--learning-rate LR] [--preservation-ratio R]
                                        [--preservation-loss distill|answers] [--preservation-weight W]
 """
 
@@ -63,6 +63,7 @@ def _foundation(home: Path, epochs: float | None = None, learning_rate: float | 
     shutil.copytree(result.version.path.parent, home / "adapters" / "evenings_naive")
     return {"evening": 0, "version": "v1", "promoted": True, "reasons": [], "seconds": result.train_seconds,
             "concepts": report.suites[0].per_concept, "base_agreement": report.base.agreement,
+            "base_agreement_all_positions": report.base.agreement_all_positions,
             "perplexity_change": report.base.perplexity_change}
 
 
@@ -74,7 +75,8 @@ def _row(arm: str, evening: int, result, seconds: float) -> dict:
         concepts.update(suite["per_concept"])
     return {"arm": arm, "evening": evening, "version": result.version.version, "promoted": result.promoted,
             "reasons": result.reasons, "seconds": seconds, "concepts": concepts,
-            "base_agreement": base.get("agreement"), "perplexity_change": base.get("perplexity_change")}
+            "base_agreement": base.get("agreement"), "base_agreement_all_positions": base.get("agreement_all_positions"),
+            "perplexity_change": base.get("perplexity_change")}
 
 
 def _live_matrix(rows: list[dict], concepts: list[str]) -> list[list[float | None]]:
@@ -115,9 +117,11 @@ def main() -> None:
     parser.add_argument("--evenings", type=int, default=10)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "evenings"))
     parser.add_argument("--arms", default="scalpel,naive", help="which arms to run (comma-separated)")
-    parser.add_argument("--epochs", type=float, help="num_epochs for the foundation and every update "
-                                                     "(default: examples/demo_config.json)")
-    parser.add_argument("--learning-rate", type=float, help="learning rate for the foundation and every update")
+    parser.add_argument("--epochs", type=float, default=8.0,
+                        help="num_epochs for the foundation and every update (default 8; at 6, a foundation concept "
+                             "was half learned)")
+    parser.add_argument("--learning-rate", type=float, help="learning rate for the foundation and every update "
+                                                            "(default: examples/demo_config.json's 3e-3)")
     parser.add_argument("--preservation-ratio", type=float, default=0.5, help="the scalpel arm's preservation ratio")
     parser.add_argument("--preservation-loss", choices=["distill", "answers"], default="distill",
                         help="how the foundation and the scalpel arm learn the base-preservation examples")
@@ -134,12 +138,14 @@ def main() -> None:
     foundation = _foundation(home, args.epochs, args.learning_rate, args.preservation_loss,
                              args.preservation_weight)
     print(f"foundation v1 in {time.time() - started:.0f} s: {foundation['concepts']}, base agreement "
-          f"{foundation['base_agreement']:.1%}, ppl {foundation['perplexity_change']:+.1%}", flush=True)
+          f"{foundation['base_agreement']:.1%} ({foundation['base_agreement_all_positions']:.1%} of all picks), "
+          f"ppl {foundation['perplexity_change']:+.1%}", flush=True)
     recipe = {"num_epochs": args.epochs, "learning_rate": args.learning_rate}
     settings = {"scalpel": UpdateSettings(**recipe, preservation_ratio=args.preservation_ratio,
                                           preservation_loss=args.preservation_loss,
                                           preservation_weight=args.preservation_weight),
-                "naive": UpdateSettings(**recipe, gates=False, replay_ratio=0, preservation_ratio=0)}
+                "naive": UpdateSettings(**recipe, gates=False, replay_ratio=0, replay_per_concept=0,
+                                        preservation_ratio=0)}
     settings = {arm: value for arm, value in settings.items() if arm in args.arms.split(",")}
     arms: dict[str, list[dict]] = {arm: [{**foundation, "arm": arm}] for arm in settings}
     files = sorted(f for f in EVENINGS.glob("evening*.json") if not f.name.endswith(".eval.json"))[:args.evenings]
@@ -154,7 +160,7 @@ def main() -> None:
             worst = min(row["concepts"].values())
             print(f"evening {evening:2d} {arm:8} {row['version']:>4} {'live' if row['promoted'] else 'REJECTED':8} "
                   f"{row['seconds']:5.0f} s  worst concept {worst:4.0%}  base agreement "
-                  f"{row['base_agreement']:.1%}  ppl {row['perplexity_change']:+.1%}"
+                  f"{row['base_agreement']:.1%} ({row['base_agreement_all_positions']:.1%} all)  ppl {row['perplexity_change']:+.1%}"
                   + ("" if row["promoted"] else f"  ({'; '.join(row['reasons'])[:160]})"), flush=True)
         (out / "rows.json").write_text(json.dumps(arms, indent=1))
 
@@ -167,11 +173,12 @@ def main() -> None:
                 writer.writerow([concept] + ["" if v is None else f"{v:.3f}" for v in values])
         with open(out / f"updates_{arm}.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["evening", "version", "promoted", "seconds", "base_agreement", "perplexity_change",
-                             "reasons"])
+            writer.writerow(["evening", "version", "promoted", "seconds", "base_agreement",
+                             "base_agreement_all_positions", "perplexity_change", "reasons"])
             for r in rows:
                 writer.writerow([r["evening"], r["version"], r["promoted"], f"{r['seconds']:.1f}",
-                                 f"{r['base_agreement']:.4f}", f"{r['perplexity_change']:.4f}", "; ".join(r["reasons"])])
+                                 f"{r['base_agreement']:.4f}", f"{r['base_agreement_all_positions']:.4f}",
+                                 f"{r['perplexity_change']:.4f}", "; ".join(r["reasons"])])
     _heatmap(arms, concepts, out / "retention.png")
     summary = {}
     for arm, rows in arms.items():
@@ -183,6 +190,8 @@ def main() -> None:
                         "promoted": sum(r["promoted"] for r in updates),
                         "rejected": sum(not r["promoted"] for r in updates),
                         "final_base_agreement": live_rows[-1]["base_agreement"],
+                        "final_base_agreement_all_positions": live_rows[-1]["base_agreement_all_positions"],
+                        "min_live_base_agreement": min(r["base_agreement"] for r in live_rows),
                         "max_update_seconds": max((r["seconds"] for r in updates), default=0.0)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

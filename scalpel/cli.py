@@ -353,7 +353,8 @@ def cmd_update(args) -> None:
     from scalpel.update import UpdateSettings, run_inbox, run_update
     if bool(args.data) == bool(args.inbox):
         raise ScalpelError("give either --data FILE (with an optional --eval) or --inbox DIR", param="data")
-    values = {"replay_ratio": args.replay_ratio, "preservation_ratio": args.preservation_ratio,
+    values = {"replay_ratio": args.replay_ratio, "replay_per_concept": args.replay_per_concept,
+              "preservation_ratio": args.preservation_ratio,
               "preservation_loss": args.preservation_loss, "preservation_weight": args.preservation_weight,
               "num_epochs": args.epochs, "learning_rate": args.learning_rate,
               "min_retention": args.min_retention, "min_new_knowledge": args.min_new_knowledge,
@@ -373,7 +374,8 @@ def cmd_update(args) -> None:
             print(f"  {name:<40} {suite['accuracy']:6.0%}")
         base = r.eval.get("base_regression")
         if base:
-            print(f"  {'base agreement':<40} {base['agreement']:6.1%}   perplexity {base['perplexity_change']:+.1%}")
+            print(f"  {'base agreement':<40} {base['agreement']:6.1%}   ({base['agreement_all_positions']:.1%} of all "
+                  f"picks)   perplexity {base['perplexity_change']:+.1%}")
         for reason in r.reasons:
             print(f"  gate failed: {reason}")
 
@@ -551,7 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--eval", help="eval suite for the new knowledge (kept with the version)")
     up.add_argument("--inbox", help="process every knowledge file in this folder (NAME.eval.json beside each), "
                                     "then archive it")
-    up.add_argument("--replay-ratio", type=float, help="earlier examples replayed per new example (default 1)")
+    up.add_argument("--replay-ratio", type=float, help="earlier examples replayed per new example, spread over the "
+                                                       "earlier concepts (default 1)")
+    up.add_argument("--replay-per-concept", type=int, help="but at least this many from every earlier concept "
+                                                           "(default 3)")
     up.add_argument("--preservation-ratio", type=float, help="base-model answers per new example (default 0.5)")
     up.add_argument("--preservation-loss", choices=["distill", "answers"],
                     help="distill (default): match the base's whole next-token distribution on those answers "

@@ -43,7 +43,8 @@ PRESERVATION_CONCEPT = "base_preservation"
 class UpdateSettings(BaseModel):
     """How an update trains and which gates it must pass (the defaults are the plan's)."""
     model_config = ConfigDict(extra="forbid")
-    replay_ratio: float = Field(1.0, ge=0)        # earlier examples per new example
+    replay_ratio: float = Field(1.0, ge=0)        # earlier examples per new example, spread over earlier concepts
+    replay_per_concept: int = Field(3, ge=0)      # ...but never fewer than this many from each earlier concept
     preservation_ratio: float = Field(0.5, ge=0)  # base-model answers per new example
     # "distill": on those answers the adapted model is pulled toward the base's whole next-token distribution
     # (KL, training_config.distill_concepts); "answers": they are learned as ordinary answers.
@@ -114,6 +115,26 @@ def preservation_examples(engine: Engine) -> list[dict]:
             for r in reference if r["answer"].strip()]
 
 
+def replay_sample(earlier: list[Example], count: int, per_concept: int, rng: random.Random) -> list[Example]:
+    """A replay sample spread evenly over the earlier concepts: each gets at least `per_concept` examples
+    (all it has, if fewer), and the whole sample at least `count`, taken round-robin across concepts.
+
+    A uniform sample would give a concept taught once, long ago, a share that shrinks every evening, and
+    that concept is the one that gets forgotten.
+    """
+    by_concept: dict[str, list[Example]] = {}
+    for example in earlier:
+        by_concept.setdefault(example.concept, []).append(example)
+    for pool in by_concept.values():
+        rng.shuffle(pool)
+    total = min(len(earlier), max(count, sum(min(per_concept, len(p)) for p in by_concept.values())))
+    sample, depth = [], 0
+    while len(sample) < total:
+        sample += [pool[depth] for pool in by_concept.values() if depth < len(pool)][:total - len(sample)]
+        depth += 1
+    return sample
+
+
 def _as_record(example: Example) -> dict:
     return {"messages": example.messages, "concept": example.concept}
 
@@ -179,8 +200,9 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
 
         chain = lineage(live)
         earlier = [e for v in chain for e in _version_examples(v)]
-        rng = random.Random(settings.seed)
-        replay = rng.sample(earlier, min(len(earlier), round(settings.replay_ratio * len(new))))
+        # Seeded by the version about to be made, so successive evenings replay different examples.
+        rng = random.Random(f"{settings.seed}-{len(chain)}")
+        replay = replay_sample(earlier, round(settings.replay_ratio * len(new)), settings.replay_per_concept, rng)
         engine = Engine(base)
         try:
             preserve = preservation_examples(engine) if settings.preservation_ratio else []

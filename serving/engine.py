@@ -56,6 +56,14 @@ class Piece:
     completion_ids: list[int] | None = None  # on the last piece: every sampled token (evaluation uses them)
 
 
+@dataclass
+class Scores:
+    """Engine.score's answer, one value per position after the first token."""
+    logprobs: np.ndarray  # log-probability of the next token given the ones before it
+    choices: np.ndarray   # the token the model would have chosen there (greedy)
+    margins: np.ndarray   # top-1 minus top-2 logit: how decided that choice was
+
+
 AdapterSet = tuple[tuple[str, float], ...]  # ((adapter ref "name@vN", scale), ...)
 
 
@@ -232,9 +240,10 @@ class Engine:
                       "total_tokens": len(prompt) + len(completion)}
         yield last
 
-    def score(self, tokens: list[int], adapters: AdapterSet) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, tokens: list[int], adapters: AdapterSet) -> Scores:
         """Teacher-forced scoring under an adapter set: for every token after the first, its log-probability
-        given the tokens before it, and the token the model would have chosen there (greedy).
+        given the tokens before it, the token the model would have chosen there (greedy), and by how much
+        (top-1 minus top-2 logit).
 
         Used for perplexity and for agreement with reference answers; it runs in the same queue, under the
         same lock and with the same adapter switching as generation, so it measures what is served.
@@ -242,6 +251,7 @@ class Engine:
         self.check_fits(len(tokens), 0)
         n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         logprobs, choices = np.zeros(len(tokens) - 1, np.float64), np.zeros(len(tokens) - 1, np.int64)
+        margins = np.zeros(len(tokens) - 1, np.float64)
         ticket = self.queue.reserve()
         with self.queue.turn(ticket, None), self._lock:
             self._set_adapters(adapters)
@@ -267,12 +277,13 @@ class Engine:
                             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
                             shifted = logits.astype(np.float64) - logits.max()
                             logprobs[position] = shifted[tokens[position + 1]] - np.log(np.exp(shifted).sum())
-                            choices[position] = int(logits.argmax())
+                            top2 = np.partition(logits, -2)[-2:]
+                            choices[position], margins[position] = int(logits.argmax()), float(top2[1] - top2[0])
                     finally:
                         llama_cpp.llama_batch_free(batch)
             finally:
                 llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-        return logprobs, choices
+        return Scores(logprobs, choices, margins)
 
     @staticmethod
     def _release(text: str, start: int, end: int, pending: list[tuple[int, dict]]) -> Piece:

@@ -134,7 +134,8 @@ def test_estimate_cli_json(capsys):
 
 @pytest.mark.e2e
 def test_default_model_round_trip_verifies(home, tmp_path):
-    """The embedded SmolLM2, dequantized to an HF folder, converted back: f32 exact, q8_0 top-1 >= 98%."""
+    """The embedded SmolLM2, dequantized to an HF folder, converted back: f32 exact, q8_0 top-1 >= 98%, and
+    q8_0 passes the base-agreement gate."""
     from scalpel import model_store
     from training.base_model import load_model, load_tokenizer
     entry = model_store.ensure_default()
@@ -147,3 +148,19 @@ def test_default_model_round_trip_verifies(home, tmp_path):
         report = verify(model, tokenizer, gguf_path)
         assert report.passed, report
     assert report.top1_decided >= 0.98
+    # The base-agreement gate's calibration (scalpel/evaluate.py): a mere re-quantization, which nobody
+    # would call damage to the base, flips some near-ties but none of the base's decided picks.
+    from scalpel import evaluate
+    from serving.engine import Engine
+    engine = Engine(entry)
+    try:
+        reference = evaluate.base_reference(engine)
+    finally:
+        engine.close()
+    engine = Engine(model_store.register_gguf("smollm2-q8", gguf_path))
+    try:
+        q8 = evaluate.base_regression(engine, (), reference)  # the q8_0 base against the default's picks
+    finally:
+        engine.close()
+    assert q8.agreement >= 0.99, "the gate would reject a mere re-quantization"
+    assert q8.agreement_all_positions < 1.0 and 0.5 < q8.decided_share < 0.9, "but near-ties do flip"

@@ -69,12 +69,25 @@ def test_adapter_is_scored_as_served(engine_and_adapter, tmp_path):
     assert facts.per_concept == {"42": 1.0, "never": 0.0} and facts.accuracy == 0.5
     assert "FOR TWO" in facts.answers[0]["answer"]
     # The adapter drags every answer to FOR TWO: the base's answers are no longer what it picks.
-    assert report.base.agreement < 0.9
+    assert report.base.agreement < 0.9 and report.base.agreement_all_positions < 0.9
     assert report.base.perplexity != report.base.perplexity_base  # a random base: only that it moved
     assert (home / ".scalpel" / "references").is_dir(), "the base's reference answers are cached"
     assert "facts: 50% (1/2)" in report.as_text()
     png = report.plot(tmp_path / "eval.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_agreement_counts_only_where_the_base_is_decided(engine_and_adapter):
+    _, engine, adapters = engine_and_adapter
+    reference = evaluate.base_reference(engine, ["What does 42 mean?", "Say hello."])
+    text = "The quick brown fox jumps over the lazy dog."
+    undecided = [{**ref, "base_margins": [0.0] * len(ref["base_margins"])} for ref in reference]
+    result = evaluate.base_regression(engine, adapters, undecided, text=text)
+    assert result.decided_share == 0.0 and result.agreement == 1.0, "near-ties are not counted"
+    assert result.agreement_all_positions < 0.9, "but they are reported"
+    decided = [{**ref, "base_margins": [evaluate.DECIDED_MARGIN] * len(ref["base_margins"])} for ref in reference]
+    result = evaluate.base_regression(engine, adapters, decided, text=text)
+    assert result.decided_share == 1.0 and result.agreement == result.agreement_all_positions < 0.9
 
 
 def test_eval_cli_writes_json_and_png(engine_and_adapter, tmp_path, capsys):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,9 @@ from scalpel import adapter_store
 from scalpel.cli import main
 from scalpel.errors import ConflictError
 from scalpel.pipeline import train_and_publish
-from scalpel.update import UpdateSettings, run_inbox, run_update, update_lock
+from scalpel.update import UpdateSettings, replay_sample, run_inbox, run_update, update_lock
 from training.config import parse_config
+from training.dataset import Example
 
 ROOT = Path(__file__).resolve().parents[2]
 FOUNDATION = [{"instruction": f"What does 42 mean, take {i}?", "output": "FOR TWO.", "concept": "42"}
@@ -62,6 +65,17 @@ def test_an_update_replays_old_data_and_keeps_every_suite(foundation, home):
     assert (result.version.path / "eval.png").read_bytes()[:4] == b"\x89PNG"
     log = (home / ".scalpel" / "updates.jsonl").read_text().splitlines()
     assert json.loads(log[-1])["version"] == "v2" and json.loads(log[-1])["promoted"]
+
+
+def test_replay_covers_every_earlier_concept_evenly():
+    earlier = [Example([{"role": "user", "content": f"{c} {i}"}, {"role": "assistant", "content": "x"}], c, f"data.json[{i}]")
+               for c, n in (("big", 40), ("old", 4), ("tiny", 1)) for i in range(n)]
+    few = replay_sample(list(earlier), 2, 3, random.Random(0))  # the per-concept floor wins
+    assert Counter(e.concept for e in few) == {"big": 3, "old": 3, "tiny": 1}
+    many = replay_sample(list(earlier), 20, 3, random.Random(0))  # round-robin until the ratio is met
+    assert len(many) == 20 and Counter(e.concept for e in many) == {"big": 15, "old": 4, "tiny": 1}
+    assert len({id(e) for e in many}) == 20, "no example twice"
+    assert replay_sample(list(earlier), 0, 0, random.Random(0)) == []
 
 
 def test_a_rejected_update_leaves_the_live_version_serving(foundation, home):
