@@ -8,7 +8,8 @@ Writes, per arm, the retention matrix (concept x version) as CSV and both arms a
 base-regression figures and wall time per update, and a summary JSON.
 
     .venv/bin/python bench/evenings.py [--evenings 10] [--out bench/results/evenings] [--arms scalpel,naive]
-                                       [--epochs 8] [--learning-rate LR] [--preservation-ratio R]
+                                       [--epochs 8] [--learning-rate LR] [--update-learning-rate LR]
+                                       [--preservation-ratio R]
                                        [--preservation-loss distill|answers] [--preservation-weight W]
 """
 
@@ -120,8 +121,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=8.0,
                         help="num_epochs for the foundation and every update (default 8; at 6, a foundation concept "
                              "was half learned)")
-    parser.add_argument("--learning-rate", type=float, help="learning rate for the foundation and every update "
+    parser.add_argument("--learning-rate", type=float, help="the foundation's learning rate "
                                                             "(default: examples/demo_config.json's 3e-3)")
+    parser.add_argument("--update-learning-rate", type=float,
+                        help="every update's learning rate (default: as shipped, a third of the foundation's)")
     parser.add_argument("--preservation-ratio", type=float, default=0.5, help="the scalpel arm's preservation ratio")
     parser.add_argument("--preservation-loss", choices=["distill", "answers"], default="distill",
                         help="how the foundation and the scalpel arm learn the base-preservation examples")
@@ -140,7 +143,7 @@ def main() -> None:
     print(f"foundation v1 in {time.time() - started:.0f} s: {foundation['concepts']}, base agreement "
           f"{foundation['base_agreement']:.1%} ({foundation['base_agreement_all_positions']:.1%} of all picks), "
           f"ppl {foundation['perplexity_change']:+.1%}", flush=True)
-    recipe = {"num_epochs": args.epochs, "learning_rate": args.learning_rate}
+    recipe = {"num_epochs": args.epochs, "learning_rate": args.update_learning_rate}
     settings = {"scalpel": UpdateSettings(**recipe, preservation_ratio=args.preservation_ratio,
                                           preservation_loss=args.preservation_loss,
                                           preservation_weight=args.preservation_weight),

@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(KL); answers: learn them as ordinary answers")
     up.add_argument("--preservation-weight", type=float, help="weight of the distillation term (default 4)")
     up.add_argument("--epochs", type=float, help="default: the live version's num_epochs")
-    up.add_argument("--learning-rate", type=float, help="default: the live version's learning_rate")
+    up.add_argument("--learning-rate", type=float, help="default: a third of the first version's learning_rate")
     up.add_argument("--min-retention", type=float, help="gate on earlier suites (default 0.95)")
     up.add_argument("--min-new-knowledge", type=float, help="gate on the new suite (default 0.95)")
     up.add_argument("--min-base-agreement", type=float, help="gate on base regression (default 0.95)")

@@ -51,7 +51,10 @@ class UpdateSettings(BaseModel):
     preservation_loss: Literal["distill", "answers"] = "distill"
     preservation_weight: float = Field(4.0, gt=0)  # the distillation term's weight (training_config.distill_weight)
     num_epochs: float | None = Field(None, gt=0)  # default: the live version's config
+    # Default: the first version's learning rate times learning_rate_scale. An update continues an adapter
+    # that already knows things; at the full rate the new concept overwrote old answers' openings.
     learning_rate: float | None = Field(None, gt=0, lt=1)
+    learning_rate_scale: float = Field(1 / 3, gt=0, le=1)
     min_new_knowledge: float = Field(0.95, ge=0, le=1)
     min_retention: float = Field(0.95, ge=0, le=1)  # share of what the live version knew
     min_base_agreement: float = Field(0.95, ge=0, le=1)
@@ -229,8 +232,10 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
                         "promoted": not reasons, "reasons": reasons, "live_before": live.ref}, not reasons
 
             config = live.manifest["config"]
-            overrides = {k: v for k, v in (("num_epochs", settings.num_epochs),
-                                           ("learning_rate", settings.learning_rate)) if v is not None}
+            first_rate = chain[-1].manifest["config"]["training_config"]["learning_rate"]
+            overrides = {"learning_rate": settings.learning_rate or first_rate * settings.learning_rate_scale}
+            if settings.num_epochs is not None:
+                overrides["num_epochs"] = settings.num_epochs
             overrides["distill_concepts"] = [PRESERVATION_CONCEPT] if settings.preservation_loss == "distill" else []
             overrides["distill_weight"] = settings.preservation_weight
             # The new version goes beside the live one, whatever output_dir the first version was trained with.

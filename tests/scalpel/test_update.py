@@ -58,6 +58,7 @@ def test_an_update_replays_old_data_and_keeps_every_suite(foundation, home):
     assert manifest["parent_version"] == "v1"
     assert manifest["update"]["replayed"] == 6 and manifest["update"]["preservation"] == 3
     assert manifest["config"]["training_config"]["distill_concepts"] == ["base_preservation"]  # learned by KL
+    assert manifest["config"]["training_config"]["learning_rate"] == pytest.approx(3e-2 / 3)  # a third of v1's
     assert set(manifest["eval"]["suites"]) == {"foundation", "evening_suite"}
     assert manifest["eval"]["base_regression"]["agreement"] is not None
     assert (result.version.path / "eval" / "evening_suite.json").is_file()
