@@ -176,11 +176,14 @@ def gate_decision(report: evaluate.EvalReport, new_suite: str | None, settings: 
             reasons.append(f"retention {name}: {kept:.0%} of what the live version knew < {settings.min_retention:.0%}")
     live_base = live_eval.get("base_regression") or {}
     if report.base is not None:
-        floor = min(settings.min_base_agreement, live_base.get("agreement", 1.0) - settings.base_tolerance)
+        live_agreement = live_base.get("agreement", 1.0)
+        floor = (settings.min_base_agreement if live_agreement >= settings.min_base_agreement
+                 else live_agreement - settings.base_tolerance)
         if report.base.agreement < floor:
             reasons.append(f"base agreement {report.base.agreement:.1%} < {floor:.1%}")
-        ceiling = max(settings.max_perplexity_increase,
-                      live_base.get("perplexity_change", -1.0) + settings.base_tolerance)
+        live_change = live_base.get("perplexity_change", -1.0)
+        ceiling = (settings.max_perplexity_increase if live_change <= settings.max_perplexity_increase
+                   else live_change + settings.base_tolerance)
         if report.base.perplexity_change > ceiling:
             reasons.append(f"perplexity on general text {report.base.perplexity_change:+.1%} > +{ceiling:.1%}")
     return reasons

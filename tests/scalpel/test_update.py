@@ -158,3 +158,9 @@ def test_gates_judge_retention_against_the_live_version():
     reasons = gate_decision(forgot, "new", UpdateSettings(), live)
     assert reasons[0].startswith("retention old: 50%") and reasons[1].startswith("base agreement 70.0% < 78.0%")
     assert gate_decision(forgot, "new", UpdateSettings(gates=False), live) == []
+    # The tolerance is only for a live version already below target: one above it may not drift under it.
+    at_target = {**live, "base_regression": {"agreement": 0.956, "perplexity_change": 0.02}}
+    drifted = EvalReport("x", [SuiteResult("old", answers(True, True, False, False))],
+                         BaseRegression(agreement=0.947, perplexity_base=10.0, perplexity=11.05))
+    reasons = gate_decision(drifted, "new", UpdateSettings(), at_target)
+    assert [r.split(" ")[0] for r in reasons] == ["base", "perplexity"], reasons
