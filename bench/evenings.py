@@ -76,7 +76,8 @@ def _row(arm: str, evening: int, result, seconds: float) -> dict:
         concepts.update(suite["per_concept"])
     return {"arm": arm, "evening": evening, "version": result.version.version, "promoted": result.promoted,
             "reasons": result.reasons, "seconds": seconds, "concepts": concepts,
-            "base_agreement": base.get("agreement"), "base_agreement_all_positions": base.get("agreement_all_positions"),
+            "base_agreement": base.get("agreement"),
+            "base_agreement_all_positions": base.get("agreement_all_positions"),
             "perplexity_change": base.get("perplexity_change")}
 
 
@@ -163,7 +164,8 @@ def main() -> None:
             worst = min(row["concepts"].values())
             print(f"evening {evening:2d} {arm:8} {row['version']:>4} {'live' if row['promoted'] else 'REJECTED':8} "
                   f"{row['seconds']:5.0f} s  worst concept {worst:4.0%}  base agreement "
-                  f"{row['base_agreement']:.1%} ({row['base_agreement_all_positions']:.1%} all)  ppl {row['perplexity_change']:+.1%}"
+                  f"{row['base_agreement']:.1%} ({row['base_agreement_all_positions']:.1%} all)  "
+                  f"ppl {row['perplexity_change']:+.1%}"
                   + ("" if row["promoted"] else f"  ({'; '.join(row['reasons'])[:160]})"), flush=True)
         (out / "rows.json").write_text(json.dumps(arms, indent=1))
 

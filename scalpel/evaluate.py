@@ -125,7 +125,8 @@ def base_reference(engine: Engine, prompts: list[str] | None = None) -> list[dic
     With each answer, `base_choices`: the base's own pick at every answer position when the answer is
     scored teacher-forced in one batch, as base_regression scores an adapted model. llama.cpp's batched
     and one-token kernels round differently, so these differ from the generated tokens at about 2% of
-    positions; comparing like with like, the bare base agrees with itself exactly.
+    positions; comparing like with like, the bare base agrees with itself exactly. And `base_margins`:
+    by how many logits each of those picks led the runner-up (see DECIDED_MARGIN).
     """
     prompts = prompts if prompts is not None else json.loads(GENERAL_PROMPTS.read_text(encoding="utf-8"))
     key = hashlib.sha256(json.dumps([engine.base.fingerprint, prompts, ANSWER_TOKENS, "base_margins"])

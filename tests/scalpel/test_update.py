@@ -69,7 +69,8 @@ def test_an_update_replays_old_data_and_keeps_every_suite(foundation, home):
 
 
 def test_replay_covers_every_earlier_concept_evenly():
-    earlier = [Example([{"role": "user", "content": f"{c} {i}"}, {"role": "assistant", "content": "x"}], c, f"data.json[{i}]")
+    earlier = [Example([{"role": "user", "content": f"{c} {i}"}, {"role": "assistant", "content": "x"}], c,
+                       f"data.json[{i}]")
                for c, n in (("big", 40), ("old", 4), ("tiny", 1)) for i in range(n)]
     few = replay_sample(list(earlier), 2, 3, random.Random(0))  # the per-concept floor wins
     assert Counter(e.concept for e in few) == {"big": 3, "old": 3, "tiny": 1}
