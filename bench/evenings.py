@@ -76,6 +76,8 @@ def _row(arm: str, evening: int, result, seconds: float) -> dict:
         concepts.update(suite["per_concept"])
     return {"arm": arm, "evening": evening, "version": result.version.version, "promoted": result.promoted,
             "reasons": result.reasons, "seconds": seconds, "concepts": concepts,
+            "candidates": [c["version"] + ("" if c["promoted"] else " rejected: " + "; ".join(c["reasons"]))
+                           for c in result.candidates],
             "base_agreement": base.get("agreement"),
             "base_agreement_all_positions": base.get("agreement_all_positions"),
             "perplexity_change": base.get("perplexity_change")}
@@ -167,6 +169,8 @@ def main() -> None:
                   f"{row['base_agreement']:.1%} ({row['base_agreement_all_positions']:.1%} all)  "
                   f"ppl {row['perplexity_change']:+.1%}"
                   + ("" if row["promoted"] else f"  ({'; '.join(row['reasons'])[:160]})"), flush=True)
+            for candidate in row["candidates"][:-1]:
+                print(f"           first candidate {candidate[:200]}", flush=True)
         (out / "rows.json").write_text(json.dumps(arms, indent=1))
 
     concepts = list(dict.fromkeys(c for rows in arms.values() for r in rows for c in r["concepts"]))
@@ -179,11 +183,12 @@ def main() -> None:
         with open(out / f"updates_{arm}.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["evening", "version", "promoted", "seconds", "base_agreement",
-                             "base_agreement_all_positions", "perplexity_change", "reasons"])
+                             "base_agreement_all_positions", "perplexity_change", "reasons", "candidates"])
             for r in rows:
                 writer.writerow([r["evening"], r["version"], r["promoted"], f"{r['seconds']:.1f}",
                                  f"{r['base_agreement']:.4f}", f"{r['base_agreement_all_positions']:.4f}",
-                                 f"{r['perplexity_change']:.4f}", "; ".join(r["reasons"])])
+                                 f"{r['perplexity_change']:.4f}", "; ".join(r["reasons"]),
+                                 " | ".join(r.get("candidates", []))])
     _heatmap(arms, concepts, out / "retention.png")
     summary = {}
     for arm, rows in arms.items():
@@ -194,6 +199,7 @@ def main() -> None:
                         "concepts": len(concepts), "mean_final_accuracy": sum(v or 0 for v in final) / len(final),
                         "promoted": sum(r["promoted"] for r in updates),
                         "rejected": sum(not r["promoted"] for r in updates),
+                        "retried": sum(len(r.get("candidates", [])) > 1 for r in updates),
                         "final_base_agreement": live_rows[-1]["base_agreement"],
                         "final_base_agreement_all_positions": live_rows[-1]["base_agreement_all_positions"],
                         "min_live_base_agreement": min(r["base_agreement"] for r in live_rows),

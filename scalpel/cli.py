@@ -358,7 +358,8 @@ def cmd_update(args) -> None:
               "preservation_loss": args.preservation_loss, "preservation_weight": args.preservation_weight,
               "num_epochs": args.epochs, "learning_rate": args.learning_rate,
               "min_retention": args.min_retention, "min_new_knowledge": args.min_new_knowledge,
-              "min_base_agreement": args.min_base_agreement}
+              "min_base_agreement": args.min_base_agreement, "max_candidates": args.candidates,
+              "max_update_seconds": args.max_seconds}
     try:
         settings = UpdateSettings(**{k: v for k, v in values.items() if v is not None})
     except ValueError as exc:
@@ -370,6 +371,8 @@ def cmd_update(args) -> None:
                               settings=settings)]
     for r in results:
         print(f"{r.version.ref}: {'live' if r.promoted else 'kept, not live'} after {r.seconds:.0f} s")
+        for c in r.candidates[:-1]:
+            print(f"  candidate {c['version']} failed its gates first ({'; '.join(c['reasons'])})")
         for name, suite in r.eval["suites"].items():
             print(f"  {name:<40} {suite['accuracy']:6.0%}")
         base = r.eval.get("base_regression")
@@ -567,6 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--min-retention", type=float, help="gate on earlier suites (default 0.95)")
     up.add_argument("--min-new-knowledge", type=float, help="gate on the new suite (default 0.95)")
     up.add_argument("--min-base-agreement", type=float, help="gate on base regression (default 0.95)")
+    up.add_argument("--candidates", type=int, help="candidates trained at most, each leaning on what the one "
+                                                   "before failed (default 2)")
+    up.add_argument("--max-seconds", type=float, help="no further candidate is started when it would end past "
+                                                      "this many seconds (default 600)")
     up.set_defaults(func=cmd_update)
 
     ev = sub.add_parser("eval", help="score a base or adapter version through llama.cpp (greedy): suites and "

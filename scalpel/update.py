@@ -8,6 +8,8 @@
    (retention) and base regression.
 3. Publish it as the next version either way (versions are never lost), but make it live only if every
    gate passes; otherwise the current version stays live and the manifest says why.
+4. When a candidate fails and the time allows, train one more from the live version, leaning on what failed:
+   the forgotten concepts replayed in full, the under-learned new examples repeated, or more preservation.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -61,7 +63,19 @@ class UpdateSettings(BaseModel):
     max_perplexity_increase: float = Field(0.10, ge=0)
     base_tolerance: float = Field(0.02, ge=0)  # how much worse than an already-below-target live version
     gates: bool = True  # False: promote whatever comes out (the naive baseline of bench/evenings.py)
+    # A candidate that fails its gates is kept, and another is trained from the live version with more
+    # weight on what failed (see Emphasis), while the estimate of its time fits in max_update_seconds.
+    max_candidates: int = Field(2, ge=1)
+    max_update_seconds: float = Field(600.0, gt=0)
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Emphasis:
+    """What a retry leans on, from how the candidate before it failed."""
+    new_repeats: int = 1                           # each new example this many times: it was under-learned
+    replay_in_full: tuple[str, ...] = ()           # earlier concepts replayed with every example: forgotten
+    preservation_scale: float = 1.0                # more base-preservation examples: the base drifted
 
 
 @dataclass
@@ -71,6 +85,7 @@ class UpdateResult:
     reasons: list[str]        # why it was not promoted (empty when it was)
     eval: dict
     seconds: float
+    candidates: list[dict] = field(default_factory=list)  # every candidate trained: version, outcome, emphasis
 
 
 @contextlib.contextmanager
@@ -174,24 +189,76 @@ def gate_decision(report: evaluate.EvalReport, new_suite: str | None, settings: 
     for name, kept in retention(report, live_eval).items():
         if kept < settings.min_retention:
             reasons.append(f"retention {name}: {kept:.0%} of what the live version knew < {settings.min_retention:.0%}")
-    live_base = live_eval.get("base_regression") or {}
-    if report.base is not None:
-        live_agreement = live_base.get("agreement", 1.0)
-        floor = (settings.min_base_agreement if live_agreement >= settings.min_base_agreement
-                 else live_agreement - settings.base_tolerance)
-        if report.base.agreement < floor:
-            reasons.append(f"base agreement {report.base.agreement:.1%} < {floor:.1%}")
-        live_change = live_base.get("perplexity_change", -1.0)
-        ceiling = (settings.max_perplexity_increase if live_change <= settings.max_perplexity_increase
-                   else live_change + settings.base_tolerance)
-        if report.base.perplexity_change > ceiling:
-            reasons.append(f"perplexity on general text {report.base.perplexity_change:+.1%} > +{ceiling:.1%}")
+    return reasons + base_gate(report.base, settings, live_eval.get("base_regression") or {})
+
+
+def base_gate(base: evaluate.BaseRegression | None, settings: UpdateSettings, live_base: dict) -> list[str]:
+    """The base-regression half of gate_decision."""
+    if base is None:
+        return []
+    reasons = []
+    live_agreement = live_base.get("agreement", 1.0)
+    floor = (settings.min_base_agreement if live_agreement >= settings.min_base_agreement
+             else live_agreement - settings.base_tolerance)
+    if base.agreement < floor:
+        reasons.append(f"base agreement {base.agreement:.1%} < {floor:.1%}")
+    live_change = live_base.get("perplexity_change", -1.0)
+    ceiling = (settings.max_perplexity_increase if live_change <= settings.max_perplexity_increase
+               else live_change + settings.base_tolerance)
+    if base.perplexity_change > ceiling:
+        reasons.append(f"perplexity on general text {base.perplexity_change:+.1%} > +{ceiling:.1%}")
     return reasons
+
+
+def retry_emphasis(report: evaluate.EvalReport, new_suite: str | None, settings: UpdateSettings,
+                   live_eval: dict, before: Emphasis) -> Emphasis:
+    """What the next candidate leans on, given how this one failed its gates.
+
+    Under-learned new knowledge: every new example once more. A forgotten earlier answer: its concept
+    replayed with all its examples, not a sample. Base drift: twice the preservation examples.
+    """
+    new_repeats, in_full = before.new_repeats, set(before.replay_in_full)
+    for suite in report.suites:
+        if suite.name == new_suite and suite.accuracy < settings.min_new_knowledge:
+            new_repeats += 1
+    kept = retention(report, live_eval)
+    for suite in report.suites:
+        if kept.get(suite.name, 1.0) < settings.min_retention:
+            knew = {a["question"] for a in live_eval["suites"][suite.name]["answers"] if a["passed"]}
+            in_full |= {a["concept"] for a in suite.answers if a["question"] in knew and not a["passed"]}
+    drifted = bool(base_gate(report.base, settings, live_eval.get("base_regression") or {}))
+    return Emphasis(new_repeats, tuple(sorted(in_full)), before.preservation_scale * (2 if drifted else 1))
+
+
+def training_mix(new: list[Example], earlier: list[Example], preservation: list[dict], settings: UpdateSettings,
+                 emphasis: Emphasis, rng: random.Random) -> tuple[list[Example], list[Example], list[dict]]:
+    """One candidate's training data: (the new examples, repeated as emphasised; the replay; the preservation)."""
+    replay = replay_sample(earlier, round(settings.replay_ratio * len(new)), settings.replay_per_concept, rng)
+    sampled = {id(e) for e in replay}
+    replay += [e for e in earlier if e.concept in emphasis.replay_in_full and id(e) not in sampled]
+    wanted = round(settings.preservation_ratio * len(new) * emphasis.preservation_scale)
+    preserve = rng.sample(preservation, min(len(preservation), wanted))
+    return new * emphasis.new_repeats, replay, preserve
+
+
+def _update_config(name: str, live: adapter_store.AdapterVersion, first: adapter_store.AdapterVersion,
+                   settings: UpdateSettings):
+    """The live version's config, with the update's training overrides and the adapter's own folder."""
+    config = live.manifest["config"]
+    first_rate = first.manifest["config"]["training_config"]["learning_rate"]
+    overrides = {"learning_rate": settings.learning_rate or first_rate * settings.learning_rate_scale}
+    if settings.num_epochs is not None:
+        overrides["num_epochs"] = settings.num_epochs
+    overrides["distill_concepts"] = [PRESERVATION_CONCEPT] if settings.preservation_loss == "distill" else []
+    overrides["distill_weight"] = settings.preservation_weight
+    # The new version goes beside the live one, whatever output_dir the first version was trained with.
+    return parse_config({**config, "output_dir": str(adapter_store.root_for_name(name)),
+                         "training_config": {**config["training_config"], **overrides}})
 
 
 def run_update(name: str, data: Path, *, eval_suite: Path | None = None, settings: UpdateSettings | None = None,
                progress: bool = True, log=print) -> UpdateResult:
-    """Train NAME's next version on `data` and promote it only if it passes every gate."""
+    """Train NAME's next version on `data` and promote it only if it passes every gate (with a retry)."""
     settings = settings or UpdateSettings()
     begun = time.time()
     with update_lock(name):
@@ -206,16 +273,10 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
 
         chain = lineage(live)
         earlier = [e for v in chain for e in _version_examples(v)]
-        # Seeded by the version about to be made, so successive evenings replay different examples.
-        rng = random.Random(f"{settings.seed}-{len(chain)}")
-        replay = replay_sample(earlier, round(settings.replay_ratio * len(new)), settings.replay_per_concept, rng)
+        config = _update_config(name, live, chain[-1], settings)
         engine = Engine(base)
         try:
-            preserve = preservation_examples(engine) if settings.preservation_ratio else []
-            preserve = rng.sample(preserve, min(len(preserve), round(settings.preservation_ratio * len(new))))
-            log(f"update {name}: {len(new)} new examples, {len(replay)} replayed from {len(chain)} version(s), "
-                f"{len(preserve)} base-preservation examples; continuing from {live.ref}")
-
+            pool = preservation_examples(engine) if settings.preservation_ratio else []
             suites: dict[str, list[evaluate.EvalItem]] = {}
             for v in reversed(chain):  # oldest first, as the knowledge was added
                 for f in sorted(v.path.glob("eval/*.json")):
@@ -223,50 +284,78 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
             new_suite = Path(eval_suite).stem if eval_suite else None
             if new_items is not None:
                 suites[new_suite] = new_items
-
             live_eval = _live_eval(engine, live, {k: v for k, v in suites.items() if k != new_suite}, log)
+
+            reports: list[evaluate.EvalReport] = []
 
             def gate(staged: adapter_store.AdapterVersion) -> tuple[dict, bool]:
                 log(f"evaluating the new version through llama.cpp: {len(suites)} suite(s) and base regression")
                 report = evaluate.evaluate(engine, ((engine.load(staged), 1.0),), suites, f"{name}@next")
+                reports.append(report)
                 reasons = gate_decision(report, new_suite, settings, live_eval)
                 report.plot(staged.path / "eval.png")
                 return {**report.as_dict(), "retention": retention(report, live_eval), "gates": settings.model_dump(),
                         "promoted": not reasons, "reasons": reasons, "live_before": live.ref}, not reasons
 
-            config = live.manifest["config"]
-            first_rate = chain[-1].manifest["config"]["training_config"]["learning_rate"]
-            overrides = {"learning_rate": settings.learning_rate or first_rate * settings.learning_rate_scale}
-            if settings.num_epochs is not None:
-                overrides["num_epochs"] = settings.num_epochs
-            overrides["distill_concepts"] = [PRESERVATION_CONCEPT] if settings.preservation_loss == "distill" else []
-            overrides["distill_weight"] = settings.preservation_weight
-            # The new version goes beside the live one, whatever output_dir the first version was trained with.
-            config = parse_config({**config, "output_dir": str(adapter_store.root_for_name(name)),
-                                   "training_config": {**config["training_config"], **overrides}})
-            work = Path(tempfile.mkdtemp(prefix="update-", dir=paths.state_dir()))
-            try:
-                mixed = work / "train.jsonl"
-                records = [_as_record(e) for e in new + replay] + preserve
-                random.Random(settings.seed).shuffle(records)
-                mixed.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-                keep = {f"data/train{Path(data).suffix or '.json'}": Path(data)}
-                result = train_and_publish(config, mixed, model=base.name, init_adapter=live.path, progress=progress,
-                                           keep_files=keep, eval_suites=(Path(eval_suite),) if eval_suite else (),
-                                           gate=gate, manifest_extra={"update": {
-                                               "new_data": str(Path(data).resolve()), "new_examples": len(new),
-                                               "replayed": len(replay), "preservation": len(preserve),
-                                               "from": live.ref}})
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+            candidates, emphasis, last_seconds, last_size = [], Emphasis(), 0.0, 1
+            while True:
+                # Seeded by the version line and the candidate, so successive evenings (and a retry) replay
+                # different examples.
+                tag = f"{settings.seed}-{len(chain)}" + (f"-{len(candidates) + 1}" if candidates else "")
+                rng = random.Random(tag)
+                repeated, replay, preserve = training_mix(new, earlier, pool, settings, emphasis, rng)
+                records = [_as_record(e) for e in repeated + replay] + preserve
+                if candidates:
+                    estimate = last_seconds * len(records) / last_size
+                    if time.time() - begun + estimate > settings.max_update_seconds:
+                        log(f"no retry: another candidate would take about {estimate:.0f} s, past the "
+                            f"{settings.max_update_seconds:.0f} s an update may take")
+                        break
+                repeats = f" (each {emphasis.new_repeats} times)" if emphasis.new_repeats > 1 else ""
+                in_full = f" (all of {', '.join(emphasis.replay_in_full)})" if emphasis.replay_in_full else ""
+                log(f"update {name}, candidate {len(candidates) + 1}: {len(new)} new examples{repeats}, "
+                    f"{len(replay)} replayed from {len(chain)} version(s){in_full}, "
+                    f"{len(preserve)} base-preservation examples; continuing from {live.ref}")
+                started = time.time()
+                random.Random(settings.seed if not candidates else tag).shuffle(records)
+                result = _train_candidate(config, base, records, data, eval_suite, live, progress, gate, {
+                    "new_data": str(Path(data).resolve()), "new_examples": len(new), "replayed": len(replay),
+                    "preservation": len(preserve), "from": live.ref, "candidate": len(candidates) + 1,
+                    "emphasis": asdict(emphasis),
+                    "retry_of": candidates[-1]["version"] if candidates else None})
+                last_seconds, last_size = time.time() - started, len(records)
+                candidates.append({"version": result.version.version, "promoted": result.promoted,
+                                   "reasons": result.manifest["eval"]["reasons"], "seconds": round(last_seconds, 1),
+                                   "emphasis": asdict(emphasis)})
+                if result.promoted or len(candidates) >= settings.max_candidates:
+                    break
+                log(f"{result.version.ref} failed its gates ({'; '.join(candidates[-1]['reasons'])}); "
+                    "training another candidate from the live version")
+                emphasis = retry_emphasis(reports[-1], new_suite, settings, live_eval, emphasis)
         finally:
             engine.close()
     outcome = result.manifest["eval"]
-    update = UpdateResult(result.version, result.promoted, outcome["reasons"], outcome, time.time() - begun)
+    update = UpdateResult(result.version, result.promoted, outcome["reasons"], outcome, time.time() - begun,
+                          candidates)
     _record(name, update)
     log(f"{result.version.ref}: {'promoted, now live' if update.promoted else 'NOT promoted; ' + live.ref + ' stays live'}"
         + ("" if update.promoted else " (" + "; ".join(update.reasons) + ")"))
     return update
+
+
+def _train_candidate(config, base: model_store.ModelEntry, records: list[dict], data: Path, eval_suite: Path | None,
+                     live: adapter_store.AdapterVersion, progress: bool, gate, update_info: dict):
+    """Train one candidate from the live version's weights on `records`, and publish it through `gate`."""
+    work = Path(tempfile.mkdtemp(prefix="update-", dir=paths.state_dir()))
+    try:
+        mixed = work / "train.jsonl"
+        mixed.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        keep = {f"data/train{Path(data).suffix or '.json'}": Path(data)}
+        return train_and_publish(config, mixed, model=base.name, init_adapter=live.path, progress=progress,
+                                 keep_files=keep, eval_suites=(Path(eval_suite),) if eval_suite else (),
+                                 gate=gate, manifest_extra={"update": update_info})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _live_eval(engine: Engine, live: adapter_store.AdapterVersion, suites: dict, log) -> dict:
@@ -284,6 +373,7 @@ def _record(name: str, update: UpdateResult) -> None:
     line = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "adapter": name,
             "version": update.version.version, "promoted": update.promoted, "reasons": update.reasons,
             "seconds": round(update.seconds, 1),
+            "candidates": [{k: c[k] for k in ("version", "promoted", "reasons")} for c in update.candidates],
             "suites": {k: v["accuracy"] for k, v in update.eval["suites"].items()},
             "base_agreement": (update.eval.get("base_regression") or {}).get("agreement")}
     paths.state_dir().mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ def run_update_job(store: JobStore, job) -> int:
     store.finish(job.id, "succeeded", version=result.version.version,
                  message=f"{result.version.ref} {'is live' if result.promoted else 'was kept back: ' + '; '.join(result.reasons)}",
                  result={"version": result.version.version, "ref": result.version.ref, "promoted": result.promoted,
-                         "reasons": result.reasons, "seconds": result.seconds,
+                         "reasons": result.reasons, "seconds": result.seconds, "candidates": result.candidates,
                          "suites": {k: v["accuracy"] for k, v in result.eval["suites"].items()},
                          "base_regression": result.eval.get("base_regression")})
     return 0

@@ -18,7 +18,8 @@ from scalpel import adapter_store
 from scalpel.cli import main
 from scalpel.errors import ConflictError
 from scalpel.pipeline import train_and_publish
-from scalpel.update import UpdateSettings, replay_sample, run_inbox, run_update, update_lock
+from scalpel.update import (Emphasis, UpdateSettings, replay_sample, retry_emphasis, run_inbox, run_update,
+                            training_mix, update_lock)
 from training.config import parse_config
 from training.dataset import Example
 
@@ -88,9 +89,20 @@ def test_a_rejected_update_leaves_the_live_version_serving(foundation, home):
     assert not result.promoted
     assert any(r.startswith("new knowledge impossible: 0%") for r in result.reasons)
     assert adapter_store.active_version(foundation) == "v1", "the live version did not change"
-    assert adapter_store.versions(foundation) == ["v1", "v2"], "the rejected version is kept as a record"
+    assert adapter_store.versions(foundation) == ["v1", "v2", "v3"], "both rejected candidates are kept as records"
+    assert [c["version"] for c in result.candidates] == ["v2", "v3"]
+    retry = result.version.manifest["update"]
+    assert retry["candidate"] == 2 and retry["retry_of"] == "v2" and retry["emphasis"]["new_repeats"] == 2
+    assert result.version.manifest["parent_version"] == "v1", "the retry starts from the live version again"
+    assert result.version.manifest["metrics"]["examples"] > adapter_store.resolve("know@v2").manifest["metrics"][
+        "examples"], "the under-learned new examples were repeated"
     assert result.version.manifest["eval"]["promoted"] is False
     assert adapter_store.resolve("know").version == "v1"
+    # No retry when another candidate would not fit in the time an update may take.
+    hurried = run_update("know", home / "evening.json", eval_suite=impossible, progress=False, log=lambda *_: None,
+                         settings=UpdateSettings(min_base_agreement=0.0, max_perplexity_increase=100.0,
+                                                 max_update_seconds=0.5))
+    assert [c["version"] for c in hurried.candidates] == ["v4"]
 
 
 def test_the_lock_refuses_a_second_update(foundation, home):
@@ -165,3 +177,38 @@ def test_gates_judge_retention_against_the_live_version():
                          BaseRegression(agreement=0.947, perplexity_base=10.0, perplexity=11.05))
     reasons = gate_decision(drifted, "new", UpdateSettings(), at_target)
     assert [r.split(" ")[0] for r in reasons] == ["base", "perplexity"], reasons
+
+
+def test_a_retry_leans_on_what_failed():
+    from scalpel.evaluate import BaseRegression, EvalReport, SuiteResult
+
+    def answers(concept, *passed):
+        return [{"question": f"{concept} q{i}", "concept": concept, "answer": "", "passed": p}
+                for i, p in enumerate(passed)]
+    live = {"suites": {"old": {"answers": answers("a", True, True) + answers("b", True, False)}},
+            "base_regression": {"agreement": 0.97, "perplexity_change": 0.01}}
+    forgot_b = EvalReport("x", [SuiteResult("old", answers("a", True, True) + answers("b", False, True)),
+                                SuiteResult("new", answers("n", True, False))],
+                          BaseRegression(agreement=0.90, perplexity_base=10.0, perplexity=10.0))
+    emphasis = retry_emphasis(forgot_b, "new", UpdateSettings(), live, Emphasis())
+    # b's first answer was known and is lost (its second was never known); the new suite is at 50%; the
+    # base drifted below 95%.
+    assert emphasis == Emphasis(new_repeats=2, replay_in_full=("b",), preservation_scale=2.0)
+    fine = EvalReport("x", [SuiteResult("old", answers("a", True, True) + answers("b", True, True)),
+                            SuiteResult("new", answers("n", True, True))],
+                      BaseRegression(agreement=0.97, perplexity_base=10.0, perplexity=10.0))
+    assert retry_emphasis(fine, "new", UpdateSettings(), live, emphasis) == emphasis, "what was added stays"
+
+    def example(concept, i):
+        return Example([{"role": "user", "content": f"{concept} {i}"}, {"role": "assistant", "content": "x"}],
+                       concept, f"d[{i}]")
+    earlier = [example(c, i) for c in ("a", "b") for i in range(10)]
+    new = [example("n", i) for i in range(4)]
+    pool = [{"messages": [], "concept": "base_preservation", "i": i} for i in range(30)]
+    settings = UpdateSettings(replay_ratio=1.0, replay_per_concept=1, preservation_ratio=0.5)
+    repeated, replay, preserve = training_mix(new, earlier, pool, settings, Emphasis(), random.Random(0))
+    assert (len(repeated), len(replay), len(preserve)) == (4, 4, 2)
+    repeated, replay, preserve = training_mix(new, earlier, pool, settings, emphasis, random.Random(0))
+    assert len(repeated) == 8 and len(preserve) == 4
+    assert Counter(e.concept for e in replay)["b"] == 10 and len({id(e) for e in replay}) == len(replay), \
+        "all of b, each once"

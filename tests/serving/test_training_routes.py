@@ -214,6 +214,7 @@ def test_the_evening_update_over_http(server):
     job = wait_final(lambda: httpx.get(f"{root(server)}/api/training/jobs/{started.json()['job_id']}").json())
     assert job["status"] == "succeeded", job
     assert job["result"]["promoted"] and job["result"]["version"] == "v2"
+    assert [c["version"] for c in job["result"]["candidates"]] == ["v2"], "promoted at once: no retry"
     assert set(job["result"]["suites"]) == {"pdca.eval"}
     info = httpx.get(f"{root(server)}/api/adapters/to_update").json()
     assert info["active_version"] == "v2" and info["manifest"]["update"]["from"] == "to_update@v1"
