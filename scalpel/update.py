@@ -290,7 +290,11 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
 
             def gate(staged: adapter_store.AdapterVersion) -> tuple[dict, bool]:
                 log(f"evaluating the new version through llama.cpp: {len(suites)} suite(s) and base regression")
-                report = evaluate.evaluate(engine, ((engine.load(staged), 1.0),), suites, f"{name}@next")
+                ref = engine.load(staged)
+                try:
+                    report = evaluate.evaluate(engine, ((ref, 1.0),), suites, f"{name}@next")
+                finally:
+                    engine.unload(ref)  # every candidate is staged under the same ref: the next must not get this one
                 reports.append(report)
                 reasons = gate_decision(report, new_suite, settings, live_eval)
                 report.plot(staged.path / "eval.png")

@@ -97,6 +97,8 @@ def test_a_rejected_update_leaves_the_live_version_serving(foundation, home):
     assert result.version.manifest["metrics"]["examples"] > adapter_store.resolve("know@v2").manifest["metrics"][
         "examples"], "the under-learned new examples were repeated"
     assert result.version.manifest["eval"]["promoted"] is False
+    assert result.version.manifest["eval"]["base_regression"]["perplexity"] != adapter_store.resolve(
+        "know@v2").manifest["eval"]["base_regression"]["perplexity"], "the retry was evaluated, not the first again"
     assert adapter_store.resolve("know").version == "v1"
     # No retry when another candidate would not fit in the time an update may take.
     hurried = run_update("know", home / "evening.json", eval_suite=impossible, progress=False, log=lambda *_: None,
