@@ -214,8 +214,10 @@ def retry_emphasis(report: evaluate.EvalReport, new_suite: str | None, settings:
                    live_eval: dict, before: Emphasis) -> Emphasis:
     """What the next candidate leans on, given how this one failed its gates.
 
-    Under-learned new knowledge: every new example once more. A forgotten earlier answer: its concept
-    replayed with all its examples, not a sample. Base drift: twice the preservation examples.
+    Under-learned new knowledge: every new example once more. A forgotten earlier answer: every concept
+    of its suite replayed with all its examples, not a sample (in the ten-evening benchmark, a retry that
+    replayed only the forgotten concept in full lost a sibling concept of the same suite instead).
+    Base drift: twice the preservation examples.
     """
     new_repeats, in_full = before.new_repeats, set(before.replay_in_full)
     for suite in report.suites:
@@ -224,8 +226,7 @@ def retry_emphasis(report: evaluate.EvalReport, new_suite: str | None, settings:
     kept = retention(report, live_eval)
     for suite in report.suites:
         if kept.get(suite.name, 1.0) < settings.min_retention:
-            knew = {a["question"] for a in live_eval["suites"][suite.name]["answers"] if a["passed"]}
-            in_full |= {a["concept"] for a in suite.answers if a["question"] in knew and not a["passed"]}
+            in_full |= {a["concept"] for a in suite.answers}
     drifted = bool(base_gate(report.base, settings, live_eval.get("base_regression") or {}))
     return Emphasis(new_repeats, tuple(sorted(in_full)), before.preservation_scale * (2 if drifted else 1))
 

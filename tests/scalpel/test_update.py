@@ -187,15 +187,16 @@ def test_a_retry_leans_on_what_failed():
     def answers(concept, *passed):
         return [{"question": f"{concept} q{i}", "concept": concept, "answer": "", "passed": p}
                 for i, p in enumerate(passed)]
-    live = {"suites": {"old": {"answers": answers("a", True, True) + answers("b", True, False)}},
+    live = {"suites": {"old": {"answers": answers("a", True, True) + answers("b", True, False)},
+                       "kept": {"answers": answers("c", True)}},
             "base_regression": {"agreement": 0.97, "perplexity_change": 0.01}}
     forgot_b = EvalReport("x", [SuiteResult("old", answers("a", True, True) + answers("b", False, True)),
-                                SuiteResult("new", answers("n", True, False))],
+                                SuiteResult("kept", answers("c", True)), SuiteResult("new", answers("n", True, False))],
                           BaseRegression(agreement=0.90, perplexity_base=10.0, perplexity=10.0))
     emphasis = retry_emphasis(forgot_b, "new", UpdateSettings(), live, Emphasis())
-    # b's first answer was known and is lost (its second was never known); the new suite is at 50%; the
-    # base drifted below 95%.
-    assert emphasis == Emphasis(new_repeats=2, replay_in_full=("b",), preservation_scale=2.0)
+    # b's first answer was known and is lost: suite old's concepts (a and b, not the intact suite's c) are
+    # replayed in full; the new suite is at 50%; the base drifted below 95%.
+    assert emphasis == Emphasis(new_repeats=2, replay_in_full=("a", "b"), preservation_scale=2.0)
     fine = EvalReport("x", [SuiteResult("old", answers("a", True, True) + answers("b", True, True)),
                             SuiteResult("new", answers("n", True, True))],
                       BaseRegression(agreement=0.97, perplexity_base=10.0, perplexity=10.0))
@@ -212,5 +213,5 @@ def test_a_retry_leans_on_what_failed():
     assert (len(repeated), len(replay), len(preserve)) == (4, 4, 2)
     repeated, replay, preserve = training_mix(new, earlier, pool, settings, emphasis, random.Random(0))
     assert len(repeated) == 8 and len(preserve) == 4
-    assert Counter(e.concept for e in replay)["b"] == 10 and len({id(e) for e in replay}) == len(replay), \
-        "all of b, each once"
+    assert Counter(e.concept for e in replay) == {"a": 10, "b": 10} and len({id(e) for e in replay}) == len(replay), \
+        "all of a and b, each once"
