@@ -124,7 +124,10 @@ def train_and_publish(config: TrainConfig, data: Path, *, eval_data: Path | None
                 shutil.copyfile(source, stage / relative)
             promote = True
             if gate is not None:
-                manifest["eval"], promote = gate(adapter_store.AdapterVersion(root.name, "staged", stage))
+                # Named after its own staging folder: an engine caches adapters by ref, and a second
+                # candidate staged under a reused name would be scored with the first one's weights.
+                staged = adapter_store.AdapterVersion(root.name, stage.name.lstrip("."), stage)
+                manifest["eval"], promote = gate(staged)
             manifest["files"] = {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*"))
                                  if p.is_file()}
             manifest["report"] = "report.md"

@@ -170,30 +170,43 @@ def retention(report: evaluate.EvalReport, live_eval: dict) -> dict[str, float]:
     return out
 
 
+@dataclass
+class GateFailures:
+    """Which gates a candidate failed: gate_decision puts them in words, retry_emphasis leans on them."""
+    under_learned: list[evaluate.SuiteResult]  # the new suite, when below min_new_knowledge
+    forgotten: dict[str, float]                # earlier suite -> share of the live version's answers kept
+    base: list[str]                            # base-regression reasons (base_gate)
+
+
+def failed_gates(report: evaluate.EvalReport, new_suite: str | None, settings: UpdateSettings,
+                 live_eval: dict) -> GateFailures:
+    """New knowledge is judged absolutely. Retention is relative to the live version: what it knew must
+    still be known. Base regression must meet the absolute target, or, when the live version is already
+    below it, be no worse than the live version by more than `base_tolerance`."""
+    if not settings.gates:
+        return GateFailures([], {}, [])
+    return GateFailures(
+        [s for s in report.suites if s.name == new_suite and s.accuracy < settings.min_new_knowledge],
+        {name: kept for name, kept in retention(report, live_eval).items() if kept < settings.min_retention},
+        base_gate(report.base, settings, live_eval.get("base_regression") or {}))
+
+
 def gate_decision(report: evaluate.EvalReport, new_suite: str | None, settings: UpdateSettings,
                   live_eval: dict) -> list[str]:
-    """Every gate that failed, in words; an empty list means promote.
-
-    New knowledge is judged absolutely. Retention is relative to the live version: what it knew must
-    still be known. Base regression must meet the absolute target, or, when the live version is already
-    below it, be no worse than the live version by more than `base_tolerance`.
-    """
-    if not settings.gates:
-        return []
+    """Every gate that failed, in words (see failed_gates); an empty list means promote."""
+    failed = failed_gates(report, new_suite, settings, live_eval)
     reasons = []
-    for suite in report.suites:
-        if suite.name == new_suite and suite.accuracy < settings.min_new_knowledge:
-            failed = ", ".join(sorted({a["concept"] for a in suite.answers if not a["passed"]}))
-            reasons.append(f"new knowledge {suite.name}: {suite.accuracy:.0%} < {settings.min_new_knowledge:.0%} "
-                           f"(failed: {failed})")
-    for name, kept in retention(report, live_eval).items():
-        if kept < settings.min_retention:
-            reasons.append(f"retention {name}: {kept:.0%} of what the live version knew < {settings.min_retention:.0%}")
-    return reasons + base_gate(report.base, settings, live_eval.get("base_regression") or {})
+    for suite in failed.under_learned:
+        concepts = ", ".join(sorted({a["concept"] for a in suite.answers if not a["passed"]}))
+        reasons.append(f"new knowledge {suite.name}: {suite.accuracy:.0%} < {settings.min_new_knowledge:.0%} "
+                       f"(failed: {concepts})")
+    for name, kept in failed.forgotten.items():
+        reasons.append(f"retention {name}: {kept:.0%} of what the live version knew < {settings.min_retention:.0%}")
+    return reasons + failed.base
 
 
 def base_gate(base: evaluate.BaseRegression | None, settings: UpdateSettings, live_base: dict) -> list[str]:
-    """The base-regression half of gate_decision."""
+    """The base-regression part of failed_gates."""
     if base is None:
         return []
     reasons = []
@@ -219,16 +232,13 @@ def retry_emphasis(report: evaluate.EvalReport, new_suite: str | None, settings:
     replayed only the forgotten concept in full lost a sibling concept of the same suite instead).
     Base drift: twice the preservation examples.
     """
-    new_repeats, in_full = before.new_repeats, set(before.replay_in_full)
+    failed = failed_gates(report, new_suite, settings, live_eval)
+    in_full = set(before.replay_in_full)
     for suite in report.suites:
-        if suite.name == new_suite and suite.accuracy < settings.min_new_knowledge:
-            new_repeats += 1
-    kept = retention(report, live_eval)
-    for suite in report.suites:
-        if kept.get(suite.name, 1.0) < settings.min_retention:
+        if suite.name in failed.forgotten:
             in_full |= {a["concept"] for a in suite.answers}
-    drifted = bool(base_gate(report.base, settings, live_eval.get("base_regression") or {}))
-    return Emphasis(new_repeats, tuple(sorted(in_full)), before.preservation_scale * (2 if drifted else 1))
+    return Emphasis(before.new_repeats + bool(failed.under_learned), tuple(sorted(in_full)),
+                    before.preservation_scale * (2 if failed.base else 1))
 
 
 def training_mix(new: list[Example], earlier: list[Example], preservation: list[dict], settings: UpdateSettings,
@@ -295,7 +305,7 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
                 try:
                     report = evaluate.evaluate(engine, ((ref, 1.0),), suites, f"{name}@next")
                 finally:
-                    engine.unload(ref)  # every candidate is staged under the same ref: the next must not get this one
+                    engine.unload(ref)  # a rejected candidate is not served; the next one is staged afresh
                 reports.append(report)
                 reasons = gate_decision(report, new_suite, settings, live_eval)
                 report.plot(staged.path / "eval.png")
