@@ -3,6 +3,8 @@
 Two arms, in the same run, from the same foundation version:
   scalpel  `scalpel update` as shipped: replay of earlier data, base-preservation examples, gates on;
   naive    plain sequential retraining: new data only, no replay, no preservation, always promoted.
+Each evening's knowledge file is dropped into the arm's inbox and the inbox is processed (`scalpel update
+--inbox`), so a file that was not promoted is tried again first on the next evening (up to 3 evenings).
 After every update, every suite so far is scored through llama.cpp (greedy), plus base regression.
 Writes, per arm, the retention matrix (concept x version) as CSV and both arms as one heatmap PNG, the
 base-regression figures and wall time per update, and a summary JSON.
@@ -74,7 +76,8 @@ def _row(arm: str, evening: int, result, seconds: float) -> dict:
     concepts = {}
     for suite in ev["suites"].values():
         concepts.update(suite["per_concept"])
-    return {"arm": arm, "evening": evening, "version": result.version.version, "promoted": result.promoted,
+    return {"arm": arm, "evening": evening, "data": Path(result.version.manifest["update"]["new_data"]).stem,
+            "version": result.version.version, "promoted": result.promoted,
             "reasons": result.reasons, "seconds": seconds, "concepts": concepts,
             "candidates": [c["version"] + ("" if c["promoted"] else " rejected: " + "; ".join(c["reasons"]))
                            for c in result.candidates],
@@ -94,6 +97,13 @@ def _live_matrix(rows: list[dict], concepts: list[str]) -> list[list[float | Non
     return [list(col) for col in zip(*matrix)] if matrix else []
 
 
+def _label(row: dict) -> str:
+    """e7, or e8:e7 for evening 7's file tried again on evening 8 (it was not promoted on evening 7)."""
+    data = row.get("data", "")
+    tried = f"e{int(data[7:9])}" if data.startswith("evening") and data[7:9].isdigit() else None
+    return f"e{row['evening']}" + (f":{tried}" if tried and tried != f"e{row['evening']}" else "")
+
+
 def _heatmap(arms: dict[str, list[dict]], concepts: list[str], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -104,7 +114,8 @@ def _heatmap(arms: dict[str, list[dict]], concepts: list[str], path: Path) -> No
     for ax, (arm, rows) in zip(axes[0], arms.items()):
         grid = np.array([[np.nan if v is None else v * 100 for v in row] for row in _live_matrix(rows, concepts)])
         image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(rows)), [f"e{r['evening']}" + ("" if r["promoted"] else "*") for r in rows])
+        ax.set_xticks(range(len(rows)), [_label(r) + ("" if r["promoted"] else "*") for r in rows],
+                      rotation=90 if len(rows) > 14 else 0)
         ax.set_yticks(range(len(concepts)), concepts, fontsize=8)
         ax.set_title(f"{arm}: accuracy of the live version (%)\n(* = update rejected, previous version live)")
         for (i, j), value in np.ndenumerate(grid):
@@ -138,7 +149,7 @@ def main() -> None:
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     os.environ["SCALPEL_HOME"] = str(home)
-    from scalpel.update import UpdateSettings, run_update
+    from scalpel.update import UpdateSettings, run_inbox
 
     started = time.time()
     foundation = _foundation(home, args.epochs, args.learning_rate, args.preservation_loss,
@@ -155,37 +166,42 @@ def main() -> None:
     settings = {arm: value for arm, value in settings.items() if arm in args.arms.split(",")}
     arms: dict[str, list[dict]] = {arm: [{**foundation, "arm": arm}] for arm in settings}
     files = sorted(f for f in EVENINGS.glob("evening*.json") if not f.name.endswith(".eval.json"))[:args.evenings]
+    # Each evening's file is dropped into the arm's inbox and the inbox is processed, as the cron line in the
+    # README does: a file that was not promoted stays there and is tried again the next evening, first.
     for evening, data in enumerate(files, 1):
-        suite = data.with_name(f"{data.stem}.eval.json")
         for arm, arm_settings in settings.items():
-            t = time.time()
-            result = run_update(f"evenings_{arm}", data, eval_suite=suite, settings=arm_settings, progress=False,
-                                log=lambda *_: None)
-            row = _row(arm, evening, result, time.time() - t)
-            arms[arm].append(row)
-            worst = min(row["concepts"].values())
-            print(f"evening {evening:2d} {arm:8} {row['version']:>4} {'live' if row['promoted'] else 'REJECTED':8} "
-                  f"{row['seconds']:5.0f} s  worst concept {worst:4.0%}  base agreement "
-                  f"{row['base_agreement']:.1%} ({row['base_agreement_all_positions']:.1%} all)  "
-                  f"ppl {row['perplexity_change']:+.1%}"
-                  + ("" if row["promoted"] else f"  ({'; '.join(row['reasons'])[:160]})"), flush=True)
-            for candidate in row["candidates"][:-1]:
-                print(f"           first candidate {candidate[:200]}", flush=True)
+            inbox = home / f"inbox_{arm}"
+            inbox.mkdir(exist_ok=True)
+            for f in (data, data.with_name(f"{data.stem}.eval.json")):
+                shutil.copyfile(f, inbox / f.name)
+            for result in run_inbox(f"evenings_{arm}", inbox, settings=arm_settings, progress=False,
+                                    log=lambda *_: None):
+                row = _row(arm, evening, result, result.seconds)
+                arms[arm].append(row)
+                worst = min(row["concepts"].values())
+                print(f"evening {evening:2d} {arm:8} {row['data'][:9]:9} {row['version']:>4} "
+                      f"{'live' if row['promoted'] else 'REJECTED':8} {row['seconds']:5.0f} s  worst concept "
+                      f"{worst:4.0%}  base agreement {row['base_agreement']:.1%} "
+                      f"({row['base_agreement_all_positions']:.1%} all)  ppl {row['perplexity_change']:+.1%}"
+                      + ("" if row["promoted"] else f"  ({'; '.join(row['reasons'])[:160]})"), flush=True)
+                for candidate in row["candidates"][:-1]:
+                    print(f"           first candidate {candidate[:200]}", flush=True)
         (out / "rows.json").write_text(json.dumps(arms, indent=1))
 
     concepts = list(dict.fromkeys(c for rows in arms.values() for r in rows for c in r["concepts"]))
     for arm, rows in arms.items():
         with open(out / f"retention_{arm}.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["concept"] + [f"evening{r['evening']}_{r['version']}" for r in rows])
+            writer.writerow(["concept"] + [f"{_label(r)}_{r['version']}" for r in rows])
             for concept, values in zip(concepts, _live_matrix(rows, concepts)):
                 writer.writerow([concept] + ["" if v is None else f"{v:.3f}" for v in values])
         with open(out / f"updates_{arm}.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["evening", "version", "promoted", "seconds", "base_agreement",
+            writer.writerow(["evening", "data", "version", "promoted", "seconds", "base_agreement",
                              "base_agreement_all_positions", "perplexity_change", "reasons", "candidates"])
             for r in rows:
-                writer.writerow([r["evening"], r["version"], r["promoted"], f"{r['seconds']:.1f}",
+                writer.writerow([r["evening"], r.get("data", "foundation"), r["version"], r["promoted"],
+                                 f"{r['seconds']:.1f}",
                                  f"{r['base_agreement']:.4f}", f"{r['base_agreement_all_positions']:.4f}",
                                  f"{r['perplexity_change']:.4f}", "; ".join(r["reasons"]),
                                  " | ".join(r.get("candidates", []))])

@@ -365,7 +365,7 @@ def cmd_update(args) -> None:
     except ValueError as exc:
         raise ScalpelError(f"invalid update setting: {exc}", param="settings") from exc
     if args.inbox:
-        results = run_inbox(args.name, Path(args.inbox), settings=settings)
+        results = run_inbox(args.name, Path(args.inbox), settings=settings, attempts=args.attempts)
     else:
         results = [run_update(args.name, Path(args.data), eval_suite=Path(args.eval) if args.eval else None,
                               settings=settings)]
@@ -555,7 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data", help="the new knowledge file")
     up.add_argument("--eval", help="eval suite for the new knowledge (kept with the version)")
     up.add_argument("--inbox", help="process every knowledge file in this folder (NAME.eval.json beside each), "
-                                    "then archive it")
+                                    "then archive it; one that is not promoted stays for the next run")
+    up.add_argument("--attempts", type=int, default=3,
+                    help="with --inbox: runs a file is tried on before it moves to not-promoted/ (default 3)")
     up.add_argument("--replay-ratio", type=float, help="earlier examples replayed per new example, spread over the "
                                                        "earlier concepts (default 1)")
     up.add_argument("--replay-per-concept", type=int, help="but at least this many from every earlier concept "

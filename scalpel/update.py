@@ -10,6 +10,8 @@
    gate passes; otherwise the current version stays live and the manifest says why.
 4. When a candidate fails and the time allows, train one more from the live version, leaning on what failed:
    the forgotten concepts replayed in full, the under-learned new examples repeated, or more preservation.
+5. Unattended (run_inbox), a knowledge file that was not promoted stays in the inbox and is tried again on
+   the next evening, a few times, before it is set aside.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from scalpel import adapter_store, evaluate, model_store, paths
+from scalpel.atomic import read_json, sha256_file, write_json
 from scalpel.errors import ConflictError, ScalpelError
 from scalpel.pipeline import train_and_publish
 from serving.engine import Engine
@@ -314,10 +317,9 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
 
             candidates, emphasis, last_seconds, last_size = [], Emphasis(), 0.0, 1
             while True:
-                # Seeded by the version line and the candidate, so successive evenings (and a retry) replay
-                # different examples.
-                tag = f"{settings.seed}-{len(chain)}" + (f"-{len(candidates) + 1}" if candidates else "")
-                rng = random.Random(tag)
+                # Seeded by the number of versions so far, so every candidate (a retry, the next evening, the
+                # same file tried again on a later evening) replays different examples in a different order.
+                rng = random.Random(f"{settings.seed}-{len(adapter_store.versions(live.path.parent))}")
                 repeated, replay, preserve = training_mix(new, earlier, pool, settings, emphasis, rng)
                 records = [_as_record(e) for e in repeated + replay] + preserve
                 if candidates:
@@ -332,7 +334,7 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
                     f"{len(replay)} replayed from {len(chain)} version(s){in_full}, "
                     f"{len(preserve)} base-preservation examples; continuing from {live.ref}")
                 started = time.time()
-                random.Random(settings.seed if not candidates else tag).shuffle(records)
+                rng.shuffle(records)
                 result = _train_candidate(config, base, records, data, eval_suite, live, progress, gate, {
                     "new_data": str(Path(data).resolve()), "new_examples": len(new), "replayed": len(replay),
                     "preservation": len(preserve), "from": live.ref, "candidate": len(candidates) + 1,
@@ -396,34 +398,73 @@ def _record(name: str, update: UpdateResult) -> None:
         f.write(json.dumps(line) + "\n")
 
 
-def run_inbox(name: str, inbox: Path, *, settings: UpdateSettings | None = None, progress: bool = True,
-              log=print) -> list[UpdateResult]:
+HELD = ".held.json"  # in the inbox: knowledge files that were not promoted yet, and how often they were tried
+
+
+def run_inbox(name: str, inbox: Path, *, settings: UpdateSettings | None = None, attempts: int = 3,
+              progress: bool = True, log=print) -> list[UpdateResult]:
     """Process every knowledge file in `inbox` (oldest first), each with its `<stem>.eval.json` suite if there
-    is one, then move it to inbox/archive/<time>/ (or inbox/rejected/<time>/ with the error when it failed)."""
+    is one.
+
+    A promoted file moves to inbox/archive/<time>/. A file whose update failed its gates stays in the inbox and
+    is tried again on the next run, from whatever version is live then, until it has been tried `attempts`
+    times; then it moves to inbox/not-promoted/<time>/ with the reasons. A file that cannot be read moves to
+    inbox/rejected/<time>/ with the error. Files whose names start with "." are not knowledge.
+    """
     inbox = Path(inbox)
     if not inbox.is_dir():
         raise ScalpelError(f"inbox {inbox} is not a folder", param="inbox")
+    if attempts < 1:
+        raise ScalpelError(f"attempts must be at least 1, not {attempts}", param="attempts")
+    held_file = inbox / HELD
+    held = read_json(held_file, "inbox state") if held_file.is_file() else {}
     files = sorted((f for f in inbox.iterdir() if f.is_file() and f.suffix in (".json", ".jsonl")
-                    and not f.name.endswith(".eval.json")), key=lambda f: (f.stat().st_mtime, f.name))
+                    and not f.name.startswith(".") and not f.name.endswith(".eval.json")),
+                   key=lambda f: (f.stat().st_mtime, f.name))
     results = []
     for f in files:
         suite = f.with_name(f"{f.stem}.eval.json")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        digest = sha256_file(f)
+        tried = held.get(f.name) or {}
+        if tried.get("sha256") != digest:  # new, or changed since it was last tried: it starts over
+            tried = {"attempts": 0, "versions": []}
         try:
-            results.append(run_update(name, f, eval_suite=suite if suite.is_file() else None, settings=settings,
-                                      progress=progress, log=log))
-            target = inbox / "archive" / stamp
+            result = run_update(name, f, eval_suite=suite if suite.is_file() else None, settings=settings,
+                                progress=progress, log=log)
         except ConflictError:
             raise
         except ScalpelError as exc:
             log(f"{f.name}: rejected: {exc.message}")
-            target = inbox / "rejected" / stamp
-            target.mkdir(parents=True, exist_ok=True)
+            target = _move_out(inbox / "rejected" / stamp, f, suite)
             (target / f"{f.name}.error.txt").write_text(exc.message + "\n", encoding="utf-8")
-        target.mkdir(parents=True, exist_ok=True)
-        for moved in (f, suite):
-            if moved.is_file():
-                moved.rename(target / moved.name)
+            held.pop(f.name, None)
+        else:
+            results.append(result)
+            tried = {"sha256": digest, "attempts": tried["attempts"] + 1,
+                     "versions": tried["versions"] + [result.version.version], "reasons": result.reasons}
+            if result.promoted:
+                _move_out(inbox / "archive" / stamp, f, suite)
+                held.pop(f.name, None)
+            elif tried["attempts"] >= attempts:
+                log(f"{f.name}: not promoted after {tried['attempts']} attempt(s); moved to not-promoted/{stamp}")
+                target = _move_out(inbox / "not-promoted" / stamp, f, suite)
+                write_json(target / f"{f.name}.attempts.json", tried)
+                held.pop(f.name, None)
+            else:
+                log(f"{f.name}: not promoted (attempt {tried['attempts']} of {attempts}); it stays in the inbox "
+                    "for the next run")
+                held[f.name] = tried
+        write_json(held_file, held)
     if not files:
         log(f"inbox {inbox}: nothing to do")
     return results
+
+
+def _move_out(target: Path, *files: Path) -> Path:
+    """Move a knowledge file (and its suite, when there is one) from the inbox into `target`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for moved in files:
+        if moved.is_file():
+            moved.rename(target / moved.name)
+    return target

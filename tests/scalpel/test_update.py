@@ -121,11 +121,35 @@ def test_the_inbox_processes_archives_and_rejects(foundation, home):
     os.utime(inbox / "broken.jsonl", (time.time() + 5, time.time() + 5))  # processed second
     results = run_inbox("know", inbox, settings=OPEN_GATES, progress=False, log=lambda *_: None)
     assert [r.version.version for r in results] == ["v2"]
-    assert not [f for f in inbox.iterdir() if f.is_file()], "every file left the inbox"
+    assert [f.name for f in inbox.iterdir() if f.is_file()] == [".held.json"], "every file left the inbox"
     archived = list((inbox / "archive").rglob("*.json"))
     assert {f.name for f in archived} == {"evening.json", "evening.eval.json"}
     errors = list((inbox / "rejected").rglob("*.error.txt"))
     assert len(errors) == 1 and "output" in errors[0].read_text()
+
+
+def test_the_inbox_keeps_a_file_that_failed_its_gates_for_the_next_run(foundation, home):
+    inbox = home / "inbox"
+    inbox.mkdir()
+    write(inbox / "evening.json", EVENING)
+    write(inbox / "evening.eval.json", [{"question": "What is PDCA?", "concept": "pdca",
+                                         "required": ["a phrase the model never says"]}])
+    strict = UpdateSettings(max_candidates=1, min_base_agreement=0.0, max_perplexity_increase=100.0)
+    first = run_inbox("know", inbox, settings=strict, attempts=2, progress=False, log=lambda *_: None)
+    assert [r.promoted for r in first] == [False]
+    assert (inbox / "evening.json").is_file(), "a file that was not promoted stays for the next evening"
+    held = json.loads((inbox / ".held.json").read_text())
+    assert held["evening.json"]["attempts"] == 1 and held["evening.json"]["versions"] == ["v2"]
+    second = run_inbox("know", inbox, settings=strict, attempts=2, progress=False, log=lambda *_: None)
+    assert second[0].version.version == "v3" and second[0].version.manifest["update"]["from"] == "know@v1"
+    mixes = [r.version.manifest["datasets"]["train"]["sha256"] for r in first + second]
+    assert mixes[0] != mixes[1], "the second attempt trained on a differently drawn mix"
+    assert not (inbox / "evening.json").exists(), "after its last attempt the file is set aside"
+    set_aside = list((inbox / "not-promoted").rglob("*"))
+    assert {f.name for f in set_aside if f.is_file()} == {"evening.json", "evening.eval.json",
+                                                         "evening.json.attempts.json"}
+    assert json.loads((inbox / ".held.json").read_text()) == {}
+    assert adapter_store.active_version(foundation) == "v1"
 
 
 def test_a_kill_during_an_update_leaves_the_registry_consistent(foundation, home):
