@@ -213,6 +213,9 @@ def main() -> None:
         live_rows = [r for r in rows if r["promoted"]]
         summary[arm] = {"concepts_at_or_above_95": sum(v is not None and v >= 0.95 for v in final),
                         "concepts": len(concepts), "mean_final_accuracy": sum(v or 0 for v in final) / len(final),
+                        "updates": len(updates),
+                        "files_promoted": len({r["data"] for r in updates if r["promoted"]}),
+                        "files": len(files),
                         "promoted": sum(r["promoted"] for r in updates),
                         "rejected": sum(not r["promoted"] for r in updates),
                         "retried": sum(len(r.get("candidates", [])) > 1 for r in updates),

@@ -573,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--min-new-knowledge", type=float, help="gate on the new suite (default 0.95)")
     up.add_argument("--min-base-agreement", type=float, help="gate on base regression (default 0.95)")
     up.add_argument("--candidates", type=int, help="candidates trained at most, each leaning on what the one "
-                                                   "before failed (default 2)")
+                                                   "before failed (default 3)")
     up.add_argument("--max-seconds", type=float, help="no further candidate is started when it would end past "
                                                       "this many seconds (default 600)")
     up.set_defaults(func=cmd_update)

@@ -68,7 +68,7 @@ class UpdateSettings(BaseModel):
     gates: bool = True  # False: promote whatever comes out (the naive baseline of bench/evenings.py)
     # A candidate that fails its gates is kept, and another is trained from the live version with more
     # weight on what failed (see Emphasis), while the estimate of its time fits in max_update_seconds.
-    max_candidates: int = Field(2, ge=1)
+    max_candidates: int = Field(3, ge=1)
     max_update_seconds: float = Field(600.0, gt=0)
     seed: int = 0
 

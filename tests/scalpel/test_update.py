@@ -85,7 +85,8 @@ def test_a_rejected_update_leaves_the_live_version_serving(foundation, home):
     impossible = write(home / "impossible.json", [{"question": "What is PDCA?", "concept": "pdca",
                                                    "required": ["a phrase the model never says"]}])
     result = run_update("know", home / "evening.json", eval_suite=impossible, progress=False, log=lambda *_: None,
-                        settings=UpdateSettings(min_base_agreement=0.0, max_perplexity_increase=100.0))
+                        settings=UpdateSettings(max_candidates=2, min_base_agreement=0.0,
+                                                max_perplexity_increase=100.0))
     assert not result.promoted
     assert any(r.startswith("new knowledge impossible: 0%") for r in result.reasons)
     assert adapter_store.active_version(foundation) == "v1", "the live version did not change"
