@@ -359,7 +359,7 @@ def cmd_update(args) -> None:
               "num_epochs": args.epochs, "learning_rate": args.learning_rate,
               "min_retention": args.min_retention, "min_new_knowledge": args.min_new_knowledge,
               "min_base_agreement": args.min_base_agreement, "max_candidates": args.candidates,
-              "max_update_seconds": args.max_seconds}
+              "max_update_seconds": args.max_seconds, "keep_full_replay": args.keep_full_replay}
     try:
         settings = UpdateSettings(**{k: v for k, v in values.items() if v is not None})
     except ValueError as exc:
@@ -576,6 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "before failed (default 3)")
     up.add_argument("--max-seconds", type=float, help="no further candidate is started when it would end past "
                                                       "this many seconds (default 600)")
+    up.add_argument("--keep-full-replay", action=argparse.BooleanOptionalAction, default=None,
+                    help="start with the full replay of every concept an earlier update had to replay in full "
+                         "(default on)")
     up.set_defaults(func=cmd_update)
 
     ev = sub.add_parser("eval", help="score a base or adapter version through llama.cpp (greedy): suites and "

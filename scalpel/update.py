@@ -69,6 +69,9 @@ class UpdateSettings(BaseModel):
     # A candidate that fails its gates is kept, and another is trained from the live version with more
     # weight on what failed (see Emphasis), while the estimate of its time fits in max_update_seconds.
     max_candidates: int = Field(3, ge=1)
+    # A concept some update had to replay in full (a candidate forgot it) stays fragile: the next updates'
+    # first candidates replay it in full too, from the live version's manifest (see first_emphasis).
+    keep_full_replay: bool = True
     max_update_seconds: float = Field(600.0, gt=0)
     seed: int = 0
 
@@ -244,6 +247,17 @@ def retry_emphasis(report: evaluate.EvalReport, new_suite: str | None, settings:
                     before.preservation_scale * (2 if failed.base else 1))
 
 
+def first_emphasis(live: adapter_store.AdapterVersion, earlier: list[Example], settings: UpdateSettings) -> Emphasis:
+    """The first candidate's emphasis: the concepts the live version's own update replayed in full (still
+    taught), when keep_full_replay; in the ten-evening benchmark, the foundation concept that the first
+    candidates forgot on evenings 1, 2 and 3 was forgotten again each time it was only sampled."""
+    if not settings.keep_full_replay:
+        return Emphasis()
+    kept = (live.manifest.get("update") or {}).get("emphasis", {}).get("replay_in_full", [])
+    taught = {e.concept for e in earlier}
+    return Emphasis(replay_in_full=tuple(sorted(c for c in kept if c in taught)))
+
+
 def training_mix(new: list[Example], earlier: list[Example], preservation: list[dict], settings: UpdateSettings,
                  emphasis: Emphasis, rng: random.Random) -> tuple[list[Example], list[Example], list[dict]]:
     """One candidate's training data: (the new examples, repeated as emphasised; the replay; the preservation)."""
@@ -315,7 +329,7 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
                 return {**report.as_dict(), "retention": retention(report, live_eval), "gates": settings.model_dump(),
                         "promoted": not reasons, "reasons": reasons, "live_before": live.ref}, not reasons
 
-            candidates, emphasis, last_seconds, last_size = [], Emphasis(), 0.0, 1
+            candidates, emphasis, last_seconds, last_size = [], first_emphasis(live, earlier, settings), 0.0, 1
             while True:
                 # Seeded by the number of versions so far, so every candidate (a retry, the next evening, the
                 # same file tried again on a later evening) replays different examples in a different order.
@@ -418,6 +432,10 @@ def run_inbox(name: str, inbox: Path, *, settings: UpdateSettings | None = None,
         raise ScalpelError(f"attempts must be at least 1, not {attempts}", param="attempts")
     held_file = inbox / HELD
     held = read_json(held_file, "inbox state") if held_file.is_file() else {}
+    if not isinstance(held, dict):
+        raise ScalpelError(f"{held_file}: expected an object of held files, got {type(held).__name__}",
+                           param=str(held_file), code="invalid_json")
+    held = {f: tried for f, tried in held.items() if (inbox / f).is_file()}  # a file taken out is forgotten
     files = sorted((f for f in inbox.iterdir() if f.is_file() and f.suffix in (".json", ".jsonl")
                     and not f.name.startswith(".") and not f.name.endswith(".eval.json")),
                    key=lambda f: (f.stat().st_mtime, f.name))

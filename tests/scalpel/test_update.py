@@ -16,10 +16,10 @@ import pytest
 
 from scalpel import adapter_store
 from scalpel.cli import main
-from scalpel.errors import ConflictError
+from scalpel.errors import ConflictError, ScalpelError
 from scalpel.pipeline import train_and_publish
-from scalpel.update import (Emphasis, UpdateSettings, replay_sample, retry_emphasis, run_inbox, run_update,
-                            training_mix, update_lock)
+from scalpel.update import (Emphasis, UpdateSettings, first_emphasis, replay_sample, retry_emphasis, run_inbox,
+                            run_update, training_mix, update_lock)
 from training.config import parse_config
 from training.dataset import Example
 
@@ -151,6 +151,9 @@ def test_the_inbox_keeps_a_file_that_failed_its_gates_for_the_next_run(foundatio
                                                          "evening.json.attempts.json"}
     assert json.loads((inbox / ".held.json").read_text()) == {}
     assert adapter_store.active_version(foundation) == "v1"
+    (inbox / ".held.json").write_text("[]")
+    with pytest.raises(ScalpelError, match=r"\.held\.json: expected an object"):
+        run_inbox("know", inbox, progress=False, log=lambda *_: None)
 
 
 def test_a_kill_during_an_update_leaves_the_registry_consistent(foundation, home):
@@ -204,6 +207,23 @@ def test_gates_judge_retention_against_the_live_version():
                          BaseRegression(agreement=0.947, perplexity_base=10.0, perplexity=11.05))
     reasons = gate_decision(drifted, "new", UpdateSettings(), at_target)
     assert [r.split(" ")[0] for r in reasons] == ["base", "perplexity"], reasons
+
+
+def test_a_concept_replayed_in_full_stays_replayed_in_full(tmp_path):
+    """The first candidate of the next update starts with the full replay the live version's update needed."""
+    def version(emphasis):
+        folder = tmp_path / f"v{len(list(tmp_path.iterdir())) + 1}"
+        folder.mkdir()
+        write(folder / "manifest.json", {"update": {"emphasis": emphasis}} if emphasis is not None else {})
+        return adapter_store.AdapterVersion("know", folder.name, folder)
+
+    earlier = [Example([{"role": "user", "content": c}, {"role": "assistant", "content": "x"}], c, "d[0]")
+               for c in ("a", "b")]
+    retried = version({"new_repeats": 2, "replay_in_full": ["a", "gone"], "preservation_scale": 2.0})
+    assert first_emphasis(retried, earlier, UpdateSettings()) == Emphasis(replay_in_full=("a",)), \
+        "only the full replay carries over, and only of concepts still taught"
+    assert first_emphasis(retried, earlier, UpdateSettings(keep_full_replay=False)) == Emphasis()
+    assert first_emphasis(version(None), earlier, UpdateSettings()) == Emphasis(), "a first version has no update"
 
 
 def test_a_retry_leans_on_what_failed():
