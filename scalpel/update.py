@@ -248,12 +248,19 @@ def retry_emphasis(report: evaluate.EvalReport, new_suite: str | None, settings:
 
 
 def first_emphasis(live: adapter_store.AdapterVersion, earlier: list[Example], settings: UpdateSettings) -> Emphasis:
-    """The first candidate's emphasis: the concepts the live version's own update replayed in full (still
-    taught), when keep_full_replay; in the ten-evening benchmark, the foundation concept that the first
-    candidates forgot on evenings 1, 2 and 3 was forgotten again each time it was only sampled."""
+    """The first candidate's emphasis, when keep_full_replay: every still-taught concept that the live
+    version's own update replayed in full, or that a candidate rejected since (trained from the live version)
+    forgot. In the ten-evening benchmark, the foundation concept that the first candidates forgot on evenings
+    1, 2 and 3 was forgotten again each time it was only sampled, and git_workflow on evenings 8 and 9."""
     if not settings.keep_full_replay:
         return Emphasis()
-    kept = (live.manifest.get("update") or {}).get("emphasis", {}).get("replay_in_full", [])
+    kept = set((live.manifest.get("update") or {}).get("emphasis", {}).get("replay_in_full", []))
+    number = int(live.version[1:])
+    for version in adapter_store.versions(live.path.parent):
+        if int(version[1:]) > number:
+            manifest = adapter_store.AdapterVersion(live.name, version, live.path.parent / version).manifest
+            if (manifest.get("update") or {}).get("from") == live.ref:
+                kept |= set((manifest.get("eval") or {}).get("lean_next", {}).get("replay_in_full", []))
     taught = {e.concept for e in earlier}
     return Emphasis(replay_in_full=tuple(sorted(c for c in kept if c in taught)))
 
@@ -314,7 +321,7 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
                 suites[new_suite] = new_items
             live_eval = _live_eval(engine, live, {k: v for k, v in suites.items() if k != new_suite}, log)
 
-            reports: list[evaluate.EvalReport] = []
+            leans: list[Emphasis] = []  # per candidate: what the next one leans on (retry_emphasis)
 
             def gate(staged: adapter_store.AdapterVersion) -> tuple[dict, bool]:
                 log(f"evaluating the new version through llama.cpp: {len(suites)} suite(s) and base regression")
@@ -323,11 +330,12 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
                     report = evaluate.evaluate(engine, ((ref, 1.0),), suites, f"{name}@next")
                 finally:
                     engine.unload(ref)  # a rejected candidate is not served; the next one is staged afresh
-                reports.append(report)
                 reasons = gate_decision(report, new_suite, settings, live_eval)
+                leans.append(retry_emphasis(report, new_suite, settings, live_eval, emphasis))
                 report.plot(staged.path / "eval.png")
                 return {**report.as_dict(), "retention": retention(report, live_eval), "gates": settings.model_dump(),
-                        "promoted": not reasons, "reasons": reasons, "live_before": live.ref}, not reasons
+                        "promoted": not reasons, "reasons": reasons, "live_before": live.ref,
+                        "lean_next": asdict(leans[-1])}, not reasons
 
             candidates, emphasis, last_seconds, last_size = [], first_emphasis(live, earlier, settings), 0.0, 1
             while True:
@@ -362,7 +370,7 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
                     break
                 log(f"{result.version.ref} failed its gates ({'; '.join(candidates[-1]['reasons'])}); "
                     "training another candidate from the live version")
-                emphasis = retry_emphasis(reports[-1], new_suite, settings, live_eval, emphasis)
+                emphasis = leans[-1]
         finally:
             engine.close()
     outcome = result.manifest["eval"]

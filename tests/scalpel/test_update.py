@@ -211,10 +211,10 @@ def test_gates_judge_retention_against_the_live_version():
 
 def test_a_concept_replayed_in_full_stays_replayed_in_full(tmp_path):
     """The first candidate of the next update starts with the full replay the live version's update needed."""
-    def version(emphasis):
+    def version(emphasis, manifest=None):
         folder = tmp_path / f"v{len(list(tmp_path.iterdir())) + 1}"
         folder.mkdir()
-        write(folder / "manifest.json", {"update": {"emphasis": emphasis}} if emphasis is not None else {})
+        write(folder / "manifest.json", manifest or ({"update": {"emphasis": emphasis}} if emphasis else {}))
         return adapter_store.AdapterVersion("know", folder.name, folder)
 
     earlier = [Example([{"role": "user", "content": c}, {"role": "assistant", "content": "x"}], c, "d[0]")
@@ -224,6 +224,11 @@ def test_a_concept_replayed_in_full_stays_replayed_in_full(tmp_path):
         "only the full replay carries over, and only of concepts still taught"
     assert first_emphasis(retried, earlier, UpdateSettings(keep_full_replay=False)) == Emphasis()
     assert first_emphasis(version(None), earlier, UpdateSettings()) == Emphasis(), "a first version has no update"
+    # A candidate rejected since the live version was made (v4, from v3) forgot b: the next update replays b too.
+    live = version({"replay_in_full": ["a"]})
+    version(None, {"update": {"from": "know@v3"}, "eval": {"promoted": False, "lean_next": {"replay_in_full": ["b"]}}})
+    version(None, {"update": {"from": "know@v1"}, "eval": {"promoted": False, "lean_next": {"replay_in_full": ["c"]}}})
+    assert first_emphasis(live, earlier, UpdateSettings()) == Emphasis(replay_in_full=("a", "b"))
 
 
 def test_a_retry_leans_on_what_failed():
