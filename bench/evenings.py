@@ -70,15 +70,16 @@ def _foundation(home: Path, epochs: float | None = None, learning_rate: float | 
             "perplexity_change": report.base.perplexity_change}
 
 
-def _row(arm: str, evening: int, result, seconds: float) -> dict:
+def _row(arm: str, evening: int, dropped_on: dict[str, int], result) -> dict:
+    """One update's figures; `dropped_on` maps a knowledge file's stem to the evening it entered the inbox."""
+    data = Path(result.version.manifest["update"]["new_data"]).stem
     ev = result.eval
     base = ev.get("base_regression") or {}
     concepts = {}
     for suite in ev["suites"].values():
         concepts.update(suite["per_concept"])
-    return {"arm": arm, "evening": evening, "data": Path(result.version.manifest["update"]["new_data"]).stem,
-            "version": result.version.version, "promoted": result.promoted,
-            "reasons": result.reasons, "seconds": seconds, "concepts": concepts,
+    return {"arm": arm, "evening": evening, "data": data, "data_evening": dropped_on[data], "version": result.version.version, "promoted": result.promoted,
+            "reasons": result.reasons, "seconds": result.seconds, "concepts": concepts,
             "candidates": [c["version"] + ("" if c["promoted"] else " rejected: " + "; ".join(c["reasons"]))
                            for c in result.candidates],
             "base_agreement": base.get("agreement"),
@@ -99,9 +100,8 @@ def _live_matrix(rows: list[dict], concepts: list[str]) -> list[list[float | Non
 
 def _label(row: dict) -> str:
     """e7, or e8:e7 for evening 7's file tried again on evening 8 (it was not promoted on evening 7)."""
-    data = row.get("data", "")
-    tried = f"e{int(data[7:9])}" if data.startswith("evening") and data[7:9].isdigit() else None
-    return f"e{row['evening']}" + (f":{tried}" if tried and tried != f"e{row['evening']}" else "")
+    dropped = row.get("data_evening", row["evening"])
+    return f"e{row['evening']}" + (f":e{dropped}" if dropped != row["evening"] else "")
 
 
 def _heatmap(arms: dict[str, list[dict]], concepts: list[str], path: Path) -> None:
@@ -168,6 +168,7 @@ def main() -> None:
     files = sorted(f for f in EVENINGS.glob("evening*.json") if not f.name.endswith(".eval.json"))[:args.evenings]
     # Each evening's file is dropped into the arm's inbox and the inbox is processed, as the cron line in the
     # README does: a file that was not promoted stays there and is tried again the next evening, first.
+    dropped_on = {f.stem: evening for evening, f in enumerate(files, 1)}
     for evening, data in enumerate(files, 1):
         for arm, arm_settings in settings.items():
             inbox = home / f"inbox_{arm}"
@@ -176,7 +177,7 @@ def main() -> None:
                 shutil.copyfile(f, inbox / f.name)
             for result in run_inbox(f"evenings_{arm}", inbox, settings=arm_settings, progress=False,
                                     log=lambda *_: None):
-                row = _row(arm, evening, result, result.seconds)
+                row = _row(arm, evening, dropped_on, result)
                 arms[arm].append(row)
                 worst = min(row["concepts"].values())
                 print(f"evening {evening:2d} {arm:8} {row['data'][:9]:9} {row['version']:>4} "

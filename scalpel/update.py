@@ -452,7 +452,7 @@ def run_inbox(name: str, inbox: Path, *, settings: UpdateSettings | None = None,
         suite = f.with_name(f"{f.stem}.eval.json")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         digest = sha256_file(f)
-        tried = held.get(f.name) or {}
+        tried = held.pop(f.name, None) or {}  # back in `held` only if the file stays in the inbox
         if tried.get("sha256") != digest:  # new, or changed since it was last tried: it starts over
             tried = {"attempts": 0, "versions": []}
         try:
@@ -464,19 +464,16 @@ def run_inbox(name: str, inbox: Path, *, settings: UpdateSettings | None = None,
             log(f"{f.name}: rejected: {exc.message}")
             target = _move_out(inbox / "rejected" / stamp, f, suite)
             (target / f"{f.name}.error.txt").write_text(exc.message + "\n", encoding="utf-8")
-            held.pop(f.name, None)
         else:
             results.append(result)
             tried = {"sha256": digest, "attempts": tried["attempts"] + 1,
                      "versions": tried["versions"] + [result.version.version], "reasons": result.reasons}
             if result.promoted:
                 _move_out(inbox / "archive" / stamp, f, suite)
-                held.pop(f.name, None)
             elif tried["attempts"] >= attempts:
                 log(f"{f.name}: not promoted after {tried['attempts']} attempt(s); moved to not-promoted/{stamp}")
                 target = _move_out(inbox / "not-promoted" / stamp, f, suite)
                 write_json(target / f"{f.name}.attempts.json", tried)
-                held.pop(f.name, None)
             else:
                 log(f"{f.name}: not promoted (attempt {tried['attempts']} of {attempts}); it stays in the inbox "
                     "for the next run")
