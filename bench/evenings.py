@@ -114,8 +114,8 @@ def _heatmap(arms: dict[str, list[dict]], concepts: list[str], path: Path) -> No
     for ax, (arm, rows) in zip(axes[0], arms.items()):
         grid = np.array([[np.nan if v is None else v * 100 for v in row] for row in _live_matrix(rows, concepts)])
         image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(rows)), [_label(r) + ("" if r["promoted"] else "*") for r in rows],
-                      rotation=90 if len(rows) > 14 else 0)
+        labels = [_label(r) + ("" if r["promoted"] else "*") for r in rows]
+        ax.set_xticks(range(len(rows)), labels, rotation=90 if len(rows) > 14 or max(map(len, labels)) > 4 else 0)
         ax.set_yticks(range(len(concepts)), concepts, fontsize=8)
         ax.set_title(f"{arm}: accuracy of the live version (%)\n(* = update rejected, previous version live)")
         for (i, j), value in np.ndenumerate(grid):
