@@ -179,8 +179,9 @@ def retention(report: evaluate.EvalReport, live_eval: dict) -> dict[str, float]:
 @dataclass
 class GateFailures:
     """Which gates a candidate failed: gate_decision puts them in words, retry_emphasis leans on them."""
+    retention: dict[str, float]                # earlier suite -> share of the live version's answers kept
     under_learned: list[evaluate.SuiteResult]  # the new suite, when below min_new_knowledge
-    forgotten: dict[str, float]                # earlier suite -> share of the live version's answers kept
+    forgotten: dict[str, float]                # the earlier suites below min_retention
     base: list[str]                            # base-regression reasons (base_gate)
 
 
@@ -189,18 +190,18 @@ def failed_gates(report: evaluate.EvalReport, new_suite: str | None, settings: U
     """New knowledge is judged absolutely. Retention is relative to the live version: what it knew must
     still be known. Base regression must meet the absolute target, or, when the live version is already
     below it, be no worse than the live version by more than `base_tolerance`."""
+    kept = retention(report, live_eval)
     if not settings.gates:
-        return GateFailures([], {}, [])
+        return GateFailures(kept, [], {}, [])
     return GateFailures(
+        kept,
         [s for s in report.suites if s.name == new_suite and s.accuracy < settings.min_new_knowledge],
-        {name: kept for name, kept in retention(report, live_eval).items() if kept < settings.min_retention},
+        {name: share for name, share in kept.items() if share < settings.min_retention},
         base_gate(report.base, settings, live_eval.get("base_regression") or {}))
 
 
-def gate_decision(report: evaluate.EvalReport, new_suite: str | None, settings: UpdateSettings,
-                  live_eval: dict) -> list[str]:
-    """Every gate that failed, in words (see failed_gates); an empty list means promote."""
-    failed = failed_gates(report, new_suite, settings, live_eval)
+def gate_decision(failed: GateFailures, settings: UpdateSettings) -> list[str]:
+    """Every gate that failed, in words; an empty list means promote."""
     reasons = []
     for suite in failed.under_learned:
         concepts = ", ".join(sorted({a["concept"] for a in suite.answers if not a["passed"]}))
@@ -229,8 +230,7 @@ def base_gate(base: evaluate.BaseRegression | None, settings: UpdateSettings, li
     return reasons
 
 
-def retry_emphasis(report: evaluate.EvalReport, new_suite: str | None, settings: UpdateSettings,
-                   live_eval: dict, before: Emphasis) -> Emphasis:
+def retry_emphasis(failed: GateFailures, report: evaluate.EvalReport, before: Emphasis) -> Emphasis:
     """What the next candidate leans on, given how this one failed its gates.
 
     Under-learned new knowledge: every new example once more. A forgotten earlier answer: every concept
@@ -238,7 +238,6 @@ def retry_emphasis(report: evaluate.EvalReport, new_suite: str | None, settings:
     replayed only the forgotten concept in full lost a sibling concept of the same suite instead).
     Base drift: twice the preservation examples.
     """
-    failed = failed_gates(report, new_suite, settings, live_eval)
     in_full = set(before.replay_in_full)
     for suite in report.suites:
         if suite.name in failed.forgotten:
@@ -330,10 +329,11 @@ def run_update(name: str, data: Path, *, eval_suite: Path | None = None, setting
                     report = evaluate.evaluate(engine, ((ref, 1.0),), suites, f"{name}@next")
                 finally:
                     engine.unload(ref)  # a rejected candidate is not served; the next one is staged afresh
-                reasons = gate_decision(report, new_suite, settings, live_eval)
-                leans.append(retry_emphasis(report, new_suite, settings, live_eval, emphasis))
+                failed = failed_gates(report, new_suite, settings, live_eval)
+                reasons = gate_decision(failed, settings)
+                leans.append(retry_emphasis(failed, report, emphasis))
                 report.plot(staged.path / "eval.png")
-                return {**report.as_dict(), "retention": retention(report, live_eval), "gates": settings.model_dump(),
+                return {**report.as_dict(), "retention": failed.retention, "gates": settings.model_dump(),
                         "promoted": not reasons, "reasons": reasons, "live_before": live.ref,
                         "lean_next": asdict(leans[-1])}, not reasons
 
