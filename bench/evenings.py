@@ -78,8 +78,9 @@ def _row(arm: str, evening: int, dropped_on: dict[str, int], result) -> dict:
     concepts = {}
     for suite in ev["suites"].values():
         concepts.update(suite["per_concept"])
-    return {"arm": arm, "evening": evening, "data": data, "data_evening": dropped_on[data], "version": result.version.version, "promoted": result.promoted,
-            "reasons": result.reasons, "seconds": result.seconds, "concepts": concepts,
+    return {"arm": arm, "evening": evening, "data": data, "data_evening": dropped_on[data],
+            "version": result.version.version, "promoted": result.promoted, "reasons": result.reasons,
+            "seconds": result.seconds, "concepts": concepts,
             "candidates": [c["version"] + ("" if c["promoted"] else " rejected: " + "; ".join(c["reasons"]))
                            for c in result.candidates],
             "base_agreement": base.get("agreement"),

@@ -254,12 +254,11 @@ def first_emphasis(live: adapter_store.AdapterVersion, earlier: list[Example], s
     if not settings.keep_full_replay:
         return Emphasis()
     kept = set((live.manifest.get("update") or {}).get("emphasis", {}).get("replay_in_full", []))
-    number = int(live.version[1:])
-    for version in adapter_store.versions(live.path.parent):
-        if int(version[1:]) > number:
-            manifest = adapter_store.AdapterVersion(live.name, version, live.path.parent / version).manifest
-            if (manifest.get("update") or {}).get("from") == live.ref:
-                kept |= set((manifest.get("eval") or {}).get("lean_next", {}).get("replay_in_full", []))
+    made = adapter_store.versions(live.path.parent)  # oldest first
+    for version in made[made.index(live.version) + 1:]:
+        manifest = adapter_store.AdapterVersion(live.name, version, live.path.parent / version).manifest
+        if (manifest.get("update") or {}).get("from") == live.ref:
+            kept |= set((manifest.get("eval") or {}).get("lean_next", {}).get("replay_in_full", []))
     taught = {e.concept for e in earlier}
     return Emphasis(replay_in_full=tuple(sorted(c for c in kept if c in taught)))
 
