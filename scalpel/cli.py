@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -217,7 +218,7 @@ def cmd_serve(args) -> None:
     from serving.server import serve
     from serving.settings import ServeSettings
     overrides = {k: v for k, v in {"model": args.model, "host": args.host, "port": args.port,
-                                   "n_ctx": args.n_ctx, "n_threads": args.threads,
+                                   "n_ctx": args.n_ctx, "threads": args.threads,
                                    "n_gpu_layers": args.n_gpu_layers, "api_key_file": args.api_key_file,
                                    "api_keys": args.api_key or None, "preload": args.adapter or None,
                                    "training_data": args.training_data}.items()
@@ -431,9 +432,19 @@ def cmd_demo(args) -> None:
     run_demo(max_steps=args.max_steps)
 
 
+def cmd_doctor(args) -> None:
+    from scalpel.doctor import report
+    if not report(model=args.model, as_json=args.json):
+        raise ScalpelError("doctor found a problem (see above)", code="doctor_failed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scalpel", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    # --threads for every command that runs llama.cpp; it sets SCALPEL_THREADS for this process
+    threads = argparse.ArgumentParser(add_help=False)
+    threads.add_argument("--threads", type=int,
+                         help="llama.cpp CPU threads (default: $SCALPEL_THREADS, else every usable physical core)")
 
     models = sub.add_parser("models", help="the base-model store").add_subparsers(dest="action", required=True)
     models.add_parser("list", help="list registered bases").set_defaults(func=cmd_models_list)
@@ -495,12 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--json", action="store_true")
     estimate.set_defaults(func=cmd_estimate)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible server (settings also from SCALPEL_* env vars)")
+    serve = sub.add_parser("serve", parents=[threads], help="OpenAI-compatible server (settings also from SCALPEL_* env vars)")
     serve.add_argument("--model", help="registered base name")
     serve.add_argument("--host", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument("--n-ctx", type=int)
-    serve.add_argument("--threads", type=int)
     serve.add_argument("--n-gpu-layers", type=int, help="-1 (default): all layers on Metal/CUDA builds")
     serve.add_argument("--api-key", action="append", help="accepted Bearer key (repeatable)")
     serve.add_argument("--api-key-file", help="file with one accepted key per line")
@@ -549,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     a_delete.add_argument("version")
     a_delete.set_defaults(func=cmd_adapters_delete)
 
-    up = sub.add_parser("update", help="the evening update: continue the live version on new knowledge, "
+    up = sub.add_parser("update", parents=[threads], help="the evening update: continue the live version on new knowledge, "
                                        "with replay and base preservation, promote only past the gates")
     up.add_argument("name", help="the adapter to update (its live version is the starting point)")
     up.add_argument("--data", help="the new knowledge file")
@@ -581,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default on)")
     up.set_defaults(func=cmd_update)
 
-    ev = sub.add_parser("eval", help="score a base or adapter version through llama.cpp (greedy): suites and "
+    ev = sub.add_parser("eval", parents=[threads], help="score a base or adapter version through llama.cpp (greedy): suites and "
                                      "base regression")
     ev.add_argument("ref", help="a base name, an adapter (its live version) or NAME@vN")
     ev.add_argument("--suite", action="append", default=[], help="eval suite JSON (repeatable; default: the "
@@ -615,9 +625,16 @@ def build_parser() -> argparse.ArgumentParser:
             one.add_argument("--json", action="store_true")
         one.set_defaults(func=func)
 
-    demo = sub.add_parser("demo", help="the whole loop on the embedded default model")
+    demo = sub.add_parser("demo", parents=[threads], help="the whole loop on the embedded default model")
     demo.add_argument("--max-steps", type=int, help="cap training steps (for a quick look)")
     demo.set_defaults(func=cmd_demo)
+
+    doctor = sub.add_parser("doctor", parents=[threads],
+                            help="what a bug report needs: llama.cpp's build, torch's device, versions, threads, "
+                                 "and a one-token generation in a child process")
+    doctor.add_argument("--model", help="registered base for the generation test (default: the embedded model)")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(func=cmd_doctor)
     return p
 
 
@@ -625,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     enforce_offline()
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None:
+            from scalpel import threads
+            os.environ[threads.ENV] = str(threads.resolve(args.threads))
         args.func(args)
     except ScalpelError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

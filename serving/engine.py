@@ -15,7 +15,7 @@ import numpy as np
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from conversion.lora_to_gguf import BASE_FINGERPRINT_KEY
-from scalpel import adapter_store, chat
+from scalpel import adapter_store, chat, threads
 from scalpel.errors import ConflictError, ScalpelError
 from scalpel.gguf_meta import read_gguf
 from scalpel.model_store import ModelEntry
@@ -26,7 +26,7 @@ from serving.queue import Cancelled, FairQueue, Ticket
 @dataclass(frozen=True)
 class EngineSettings:
     n_ctx: int = 4096
-    n_threads: int | None = None
+    n_threads: int | None = None  # None: SCALPEL_THREADS, else every usable physical core (scalpel.threads)
     n_gpu_layers: int = -1  # all layers on Metal/CUDA builds; ignored by a CPU build
     use_mmap: bool = True
     max_waiting: int = 16   # requests that may wait for their turn; more get 429
@@ -73,8 +73,11 @@ class Engine:
     def __init__(self, base: ModelEntry, settings: EngineSettings = EngineSettings()):
         self.base = base
         self.settings = settings
-        self.llm = llama_cpp.Llama(model_path=base.gguf, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
-                                   n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.use_mmap,
+        # The same count for decoding and for prompt evaluation (llama-cpp-python's defaults are
+        # cpu_count // 2 and cpu_count, which starve or oversubscribe a small VM).
+        self.threads = threads.resolve(settings.n_threads)
+        self.llm = llama_cpp.Llama(model_path=base.gguf, n_ctx=settings.n_ctx, n_threads=self.threads,
+                                   n_threads_batch=self.threads, n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.use_mmap,
                                    verbose=False)
         self._lock = threading.Lock()  # the llama.cpp model and context: one user at a time
         self.queue = FairQueue(settings.max_waiting)

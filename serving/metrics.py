@@ -21,6 +21,8 @@ class Metrics:
         switch = Histogram("scalpel_adapter_switch_seconds", "Time to change the context's adapter set",
                            buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.05, 0.1), registry=r)
         engine.on_switch = switch.observe
+        Gauge("scalpel_threads", "CPU threads llama.cpp decodes and evaluates prompts with",
+              registry=r).set(engine.threads)
         Gauge("scalpel_queue_depth", "Requests waiting or running", registry=r).set_function(
             lambda: engine.queue.depth)
         Gauge("scalpel_loaded_adapters", "Adapters loaded in memory", registry=r).set_function(

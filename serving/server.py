@@ -16,7 +16,7 @@ from training.runner import JobRunner, RunnerSettings
 
 def build(settings: ServeSettings):
     base = model_store.get(settings.model)
-    engine = Engine(base, EngineSettings(n_ctx=settings.n_ctx, n_threads=settings.n_threads,
+    engine = Engine(base, EngineSettings(n_ctx=settings.n_ctx, n_threads=settings.threads,
                                          n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.use_mmap,
                                          max_waiting=settings.max_waiting))
     for name in settings.preload:
@@ -30,8 +30,8 @@ def build(settings: ServeSettings):
 def serve(settings: ServeSettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     engine, app = build(settings)
-    logging.getLogger("scalpel.serving").info("serving %s on http://%s:%d/v1", engine.base.name,
-                                              settings.host, settings.port)
+    logging.getLogger("scalpel.serving").info("serving %s on http://%s:%d/v1 with %d threads", engine.base.name,
+                                              settings.host, settings.port, engine.threads)
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     finally:

@@ -19,7 +19,7 @@ class ServeSettings(BaseSettings):
     api_keys: list[str] = Field(default_factory=list)
     api_key_file: Path | None = None
     n_ctx: int = Field(4096, ge=128)
-    n_threads: int | None = None
+    threads: int | None = Field(None, ge=1)  # SCALPEL_THREADS; None: every usable physical core
     n_gpu_layers: int = -1
     use_mmap: bool = True
     preload: list[str] = Field(default_factory=list)
