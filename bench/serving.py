@@ -53,9 +53,12 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> float:
 
 def make_adapters(home: Path, n: int) -> list[str]:
     """Random (untrained) surgical adapters in the store: speed does not depend on what they learned."""
-    from conversion.lora_to_gguf import BASE_FINGERPRINT_KEY, convert_lora
     from conversion.architecture import layout_from_gguf
-    from scalpel import model_store
+    from conversion.lora_to_gguf import convert_lora
+    from core import model_store
+    from core.gguf_meta import BASE_FINGERPRINT_KEY
+    from core.manifest import MANIFEST_NAME, Manifest, write_manifest
+
     base = model_store.ensure_default()
     layout = layout_from_gguf(base.gguf_path)
     profile = json.loads((ROOT / "conversion" / "profiles" / "smollm2-135m-instruct.json").read_text())
@@ -66,7 +69,7 @@ def make_adapters(home: Path, n: int) -> list[str]:
         peft = make_peft_adapter(home / "peft" / name, profile, 8, ["q_proj", "k_proj", "v_proj"])
         version.mkdir(parents=True)
         convert_lora(peft, layout, version / "adapter.gguf", metadata={BASE_FINGERPRINT_KEY: base.fingerprint})
-        (version / "manifest.json").write_text(json.dumps({"adapter": name, "bench": True}))
+        write_manifest(version / MANIFEST_NAME, Manifest.model_validate({"adapter": name, "bench": True}))
         (version.parent / "active.json").write_text(json.dumps({"version": "v1"}))
         names.append(name)
     return names
@@ -88,8 +91,11 @@ def stream_once(base_url: str, model: str, max_tokens: int) -> dict:
                 first = first or now
                 last = now
                 pieces += 1
-    return {"ttft": first - started, "decode_tps": (pieces - 1) / (last - first) if pieces > 1 else 0.0,
-            "pieces": pieces}
+    return {
+        "ttft": first - started,
+        "decode_tps": (pieces - 1) / (last - first) if pieces > 1 else 0.0,
+        "pieces": pieces,
+    }
 
 
 def median_run(base_url: str, model: str, max_tokens: int, repeats: int = 7) -> dict:
@@ -100,8 +106,11 @@ def median_run(base_url: str, model: str, max_tokens: int, repeats: int = 7) -> 
 
 def concurrent_throughput(base_url: str, model: str, max_tokens: int, clients: int = 4, each: int = 2) -> float:
     def one(_):
-        reply = httpx.post(f"{base_url}/chat/completions", timeout=600, json={
-            "model": model, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+        reply = httpx.post(
+            f"{base_url}/chat/completions",
+            timeout=600,
+            json={"model": model, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0},
+        )
         return reply.json()["usage"]["completion_tokens"]
 
     started = time.perf_counter()
@@ -144,14 +153,20 @@ def main() -> None:
         env["SCALPEL_HOME"] = str(home)
         os.environ["SCALPEL_HOME"] = str(home)
         names = make_adapters(home, 10)
-        from scalpel import model_store
+        from core import model_store
+
         base = model_store.ensure_default()
         adapter_gguf = home / "adapters" / names[0] / "v1" / "adapter.gguf"
 
         # --- ours -------------------------------------------------------------------------------
         port = free_port()
-        ours = subprocess.Popen([sys.executable, "-m", "scalpel.cli", "serve", "--port", str(port), "--n-ctx", "2048"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        ours = subprocess.Popen(
+            [sys.executable, "-m", "scalpel.cli", "serve", "--port", str(port), "--n-ctx", "2048"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
         url = f"http://127.0.0.1:{port}/v1"
         try:
             wait_ready(f"http://127.0.0.1:{port}/health", ours)
@@ -167,21 +182,26 @@ def main() -> None:
 
             def short(model):
                 t = time.perf_counter()
-                httpx.post(f"{url}/chat/completions", timeout=60, json={
-                    "model": model, "messages": PROMPT, "max_tokens": 1, "temperature": 0})
+                httpx.post(
+                    f"{url}/chat/completions",
+                    timeout=60,
+                    json={"model": model, "messages": PROMPT, "max_tokens": 1, "temperature": 0},
+                )
                 return (time.perf_counter() - t) * 1000
 
             same = [short(names[0]) for _ in range(12)]
             switching = [short(names[i % 2]) for i in range(24)]
-            switch_buckets = histogram_buckets(httpx.get(f"http://127.0.0.1:{port}/metrics").text,
-                                               "scalpel_adapter_switch_seconds")
+            switch_buckets = histogram_buckets(
+                httpx.get(f"http://127.0.0.1:{port}/metrics").text, "scalpel_adapter_switch_seconds"
+            )
             results["ours_switch_ms"] = {
                 "set_adapters_p50_at_most": round(bucket_quantile(switch_buckets, 0.5) * 1000, 3),
                 "set_adapters_p95_at_most": round(bucket_quantile(switch_buckets, 0.95) * 1000, 3),
                 "switching_request_p50": round(percentile(switching, 0.5), 1),
                 "switching_request_p95": round(percentile(switching, 0.95), 1),
                 "same_adapter_request_p50": round(percentile(same, 0.5), 1),
-                "switch_cost_p50": round(percentile(switching, 0.5) - percentile(same, 0.5), 1)}
+                "switch_cost_p50": round(percentile(switching, 0.5) - percentile(same, 0.5), 1),
+            }
             results["ours_4_clients_tps"] = round(concurrent_throughput(url, names[0], args.max_tokens), 1)
         finally:
             ours.terminate()
@@ -190,8 +210,19 @@ def main() -> None:
         # --- llama-cpp-python's server, same GGUF and adapter ----------------------------------------
         def start_theirs(lora: Path | None):
             port = free_port()
-            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", base.gguf, "--port", str(port),
-                   "--n_ctx", "2048", "--model_alias", "theirs"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                base.gguf,
+                "--port",
+                str(port),
+                "--n_ctx",
+                "2048",
+                "--model_alias",
+                "theirs",
+            ]
             if lora:
                 cmd += ["--lora_path", str(lora)]
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -218,25 +249,37 @@ def main() -> None:
         "decode_tps_ours_over_theirs": round(ours_a["decode_tps"] / theirs_a["decode_tps"], 3),
         "ttft_theirs_over_ours": round(theirs_a["ttft"] / ours_a["ttft"], 3),
         "adapter_decode_overhead": round(1 - ours_a["decode_tps"] / results["ours_base"]["decode_tps"], 3),
-        "throughput_4_clients_ours_over_theirs": round(results["ours_4_clients_tps"] / results["theirs_4_clients_tps"], 3),
+        "throughput_4_clients_ours_over_theirs": round(
+            results["ours_4_clients_tps"] / results["theirs_4_clients_tps"], 3
+        ),
     }
     (out_dir / "serving.json").write_text(json.dumps(results, indent=2))
-    rows = [("decode tok/s, adapter applied", f"{ours_a['decode_tps']:.1f}", f"{theirs_a['decode_tps']:.1f}"),
-            ("time to first token, ms", f"{ours_a['ttft'] * 1000:.0f}", f"{theirs_a['ttft'] * 1000:.0f}"),
-            ("decode tok/s, bare base", f"{results['ours_base']['decode_tps']:.1f}", "-"),
-            ("adapter switch, request p50 / p95 ms",
-             f"{results['ours_switch_ms']['switching_request_p50']} / {results['ours_switch_ms']['switching_request_p95']}",
-             f"{results['theirs_adapter_change_ms_p50']} (restart)"),
-            ("llama_set_adapters_lora + cache reset p50 / p95, ms (at most)",
-             f"{results['ours_switch_ms']['set_adapters_p50_at_most']} / {results['ours_switch_ms']['set_adapters_p95_at_most']}",
-             "-"),
-            ("switch cost over a cached same-adapter request (prompt re-evaluated), ms",
-             f"{results['ours_switch_ms']['switch_cost_p50']}", "-"),
-            ("4 concurrent clients, tok/s", f"{results['ours_4_clients_tps']}", f"{results['theirs_4_clients_tps']}"),
-            ("RSS MB: base / +1 adapter / +10 adapters",
-             " / ".join(str(v) for v in results["ours_rss_mb"].values()), "-")]
+    switch = results["ours_switch_ms"]
+    rows = [
+        ("decode tok/s, adapter applied", f"{ours_a['decode_tps']:.1f}", f"{theirs_a['decode_tps']:.1f}"),
+        ("time to first token, ms", f"{ours_a['ttft'] * 1000:.0f}", f"{theirs_a['ttft'] * 1000:.0f}"),
+        ("decode tok/s, bare base", f"{results['ours_base']['decode_tps']:.1f}", "-"),
+        (
+            "adapter switch, request p50 / p95 ms",
+            f"{switch['switching_request_p50']} / {switch['switching_request_p95']}",
+            f"{results['theirs_adapter_change_ms_p50']} (restart)",
+        ),
+        (
+            "llama_set_adapters_lora + cache reset p50 / p95, ms (at most)",
+            f"{switch['set_adapters_p50_at_most']} / {switch['set_adapters_p95_at_most']}",
+            "-",
+        ),
+        (
+            "switch cost over a cached same-adapter request (prompt re-evaluated), ms",
+            f"{results['ours_switch_ms']['switch_cost_p50']}",
+            "-",
+        ),
+        ("4 concurrent clients, tok/s", f"{results['ours_4_clients_tps']}", f"{results['theirs_4_clients_tps']}"),
+        ("RSS MB: base / +1 adapter / +10 adapters", " / ".join(str(v) for v in results["ours_rss_mb"].values()), "-"),
+    ]
     table = "| measure | scalpel | llama_cpp.server |\n| --- | --- | --- |\n" + "\n".join(
-        f"| {a} | {b} | {c} |" for a, b, c in rows)
+        f"| {a} | {b} | {c} |" for a, b, c in rows
+    )
     (out_dir / "serving.md").write_text(table + "\n\nratios: " + json.dumps(results["ratios"]) + "\n")
     print(table)
     print("ratios:", json.dumps(results["ratios"]))

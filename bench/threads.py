@@ -32,8 +32,11 @@ PROMPT = [{"role": "user", "content": "Explain in detail how a lighthouse works,
 
 def whole_tps(url: str, model: str, max_tokens: int) -> float:
     started = time.perf_counter()
-    reply = httpx.post(f"{url}/chat/completions", timeout=600, json={
-        "model": model, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+    reply = httpx.post(
+        f"{url}/chat/completions",
+        timeout=600,
+        json={"model": model, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0},
+    )
     reply.raise_for_status()
     return reply.json()["usage"]["completion_tokens"] / (time.perf_counter() - started)
 
@@ -44,7 +47,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    from scalpel import model_store, threads
+    from core import model_store, threads
 
     cores = threads.usable_cores()
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,16 +59,30 @@ def main() -> None:
         commands = {
             "scalpel serve (no flags)": ([sys.executable, "-m", "scalpel.cli", "serve"], "smollm2-135m-instruct"),
             f"llama_cpp.server --n_threads {cores}": (
-                [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_threads", str(cores),
-                 "--model_alias", "m"], "m"),
+                [
+                    sys.executable,
+                    "-m",
+                    "llama_cpp.server",
+                    "--model",
+                    gguf,
+                    "--n_threads",
+                    str(cores),
+                    "--model_alias",
+                    "m",
+                ],
+                "m",
+            ),
             "llama_cpp.server (its default threads)": (
-                [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", "m"], "m"),
+                [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", "m"],
+                "m",
+            ),
         }
         try:
             for label, (cmd, model) in commands.items():
                 port = free_port()
-                proc = subprocess.Popen(cmd + ["--port", str(port)], env=env, cwd=ROOT,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                proc = subprocess.Popen(
+                    cmd + ["--port", str(port)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
                 servers[label] = (proc, f"http://127.0.0.1:{port}/v1", model)
                 wait_ready(f"http://127.0.0.1:{port}/v1/models", proc)
                 whole_tps(servers[label][1], model, 8)  # warm
@@ -79,16 +96,21 @@ def main() -> None:
                 proc.wait(30)
     medians = {label: statistics.median(values) for label, values in runs.items()}
     ours, anchor = list(medians.values())[:2]
-    result = {"usable_cores": cores, "max_tokens": args.max_tokens, "rounds": args.rounds,
-              "tokens_per_second": {k: round(v, 1) for k, v in medians.items()},
-              "ours_over_anchor": round(ours / anchor, 3)}
+    result = {
+        "usable_cores": cores,
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "tokens_per_second": {k: round(v, 1) for k, v in medians.items()},
+        "ours_over_anchor": round(ours / anchor, 3),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "threads.json").write_text(json.dumps(result, indent=2))
     for label, value in medians.items():
         print(f"{label:42} {value:6.1f} tok/s (whole completion, median of {args.rounds})")
-    print(f"scalpel serve over llama_cpp.server --n_threads {cores}: {result['ours_over_anchor']:.3f}x "
-          f"(target >= 0.95)")
+    print(
+        f"scalpel serve over llama_cpp.server --n_threads {cores}: {result['ours_over_anchor']:.3f}x (target >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

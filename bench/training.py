@@ -33,6 +33,7 @@ DATA = ROOT / "examples" / "tron_collaborative_intelligence_training.json"
 def plan_shaped(examples: list) -> list:
     """The examples with answers of 1 to 10 joined answers of the same concept (a fixed, spread-out pattern)."""
     from training.dataset import Example
+
     by_concept: dict[str, list] = {}
     for ex in examples:
         by_concept.setdefault(ex.concept, []).append(ex)
@@ -41,14 +42,20 @@ def plan_shaped(examples: list) -> list:
         group = by_concept[ex.concept]
         start, parts = group.index(ex), 1 + (i * 7) % 10
         answer = " ".join(group[(start + j) % len(group)].messages[-1]["content"] for j in range(parts))
-        shaped.append(Example(messages=ex.messages[:-1] + [{"role": "assistant", "content": answer}],
-                              concept=ex.concept, where=ex.where))
+        shaped.append(
+            Example(
+                messages=ex.messages[:-1] + [{"role": "assistant", "content": answer}],
+                concept=ex.concept,
+                where=ex.where,
+            )
+        )
     return shaped
 
 
 def _rows(entry, data: str = "tron", max_len: int = 2048):
     from training.base_model import load_tokenizer, template_info
     from training.dataset import load_examples, tokenize_example
+
     tokenizer, info = load_tokenizer(entry), template_info(entry)
     examples = load_examples(DATA)
     if data == "plan-shaped":
@@ -64,7 +71,7 @@ def _arm(ours: bool, steps: int, batch_size: int, accumulation: int, data: str, 
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from scalpel import model_store
+    from core import model_store
     from training.base_model import load_model
     from training.config import TrainingSettings
     from training.trainer import (
@@ -80,24 +87,40 @@ def _arm(ours: bool, steps: int, batch_size: int, accumulation: int, data: str, 
     tokenizer, rows = _rows(entry, data)
     model = load_model(entry)
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj"]
+        ),
+    )
     # The baseline is what a plain HF + PEFT script does: pad every batch to its longest example, and take
     # gradient accumulation as configured. Ours is what training/trainer.py does with the same settings.
     collator = transformers.DataCollatorForSeq2Seq(tokenizer, padding=True)
     micro, accumulate, how, grouped = batch_size, accumulation, "padded", False
     if ours:
-        batching = micro_batching(TrainingSettings(batch_size=batch_size, gradient_accumulation_steps=accumulation),
-                                  max(len(r["input_ids"]) for r in rows))
+        batching = micro_batching(
+            TrainingSettings(batch_size=batch_size, gradient_accumulation_steps=accumulation),
+            max(len(r["input_ids"]) for r in rows),
+        )
         micro, accumulate = batching.micro, batching.accumulate
         collator = pack_collator() if batching.packed else PadCollator(tokenizer.pad_token_id)
         grouped = not batching.packed and micro > 1
         how = "packed" if batching.packed else "grouped by length" if grouped else "one per pass"
     args = transformers.TrainingArguments(
-        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=micro,
+        output_dir=tempfile.mkdtemp(),
+        max_steps=steps,
+        per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulate,
-        learning_rate=1e-4, logging_steps=steps, save_strategy="no", report_to=[], disable_tqdm=True,
-        remove_unused_columns=False, seed=42, data_seed=42, dataloader_num_workers=0)
+        learning_rate=1e-4,
+        logging_steps=steps,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        seed=42,
+        data_seed=42,
+        dataloader_num_workers=0,
+    )
     trainer_class = AnswerLogitsTrainer if ours else transformers.Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=TokenizedDataset(rows), data_collator=collator)
     trainer.group_by_length = grouped
@@ -112,11 +135,15 @@ def _arm(ours: bool, steps: int, batch_size: int, accumulation: int, data: str, 
 
     trainer.training_step = counting_step
     metrics = trainer.train().metrics
-    return {"arm": f"{'scalpel' if ours else 'HF default'} ({how}) {micro}x{accumulate}",
-            "train_seconds": metrics["train_runtime"], "real_tokens": seen["real"],
-            "computed_tokens": seen["computed"], "tokens_per_second": seen["real"] / metrics["train_runtime"],
-            "final_loss": metrics["train_loss"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "arm": f"{'scalpel' if ours else 'HF default'} ({how}) {micro}x{accumulate}",
+        "train_seconds": metrics["train_runtime"],
+        "real_tokens": seen["real"],
+        "computed_tokens": seen["computed"],
+        "tokens_per_second": seen["real"] / metrics["train_runtime"],
+        "final_loss": metrics["train_loss"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def _fixed_batch_losses(batch_size: int, data: str, home: str) -> dict:
@@ -124,7 +151,7 @@ def _fixed_batch_losses(batch_size: int, data: str, home: str) -> dict:
     import torch
     import transformers
 
-    from scalpel import model_store
+    from core import model_store
     from training.base_model import load_model
     from training.trainer import pack_collator
 
@@ -137,8 +164,9 @@ def _fixed_batch_losses(batch_size: int, data: str, home: str) -> dict:
     packed = pack_collator()(batch)
     with torch.no_grad():
         a = float(model(**padded).loss)
-        b = float(model(input_ids=packed["input_ids"], labels=packed["labels"],
-                        position_ids=packed["position_ids"]).loss)
+        b = float(
+            model(input_ids=packed["input_ids"], labels=packed["labels"], position_ids=packed["position_ids"]).loss
+        )
     return {"padded_loss": a, "packed_loss": b, "abs_diff": abs(a - b)}
 
 
@@ -149,8 +177,12 @@ def _in_child(fn, *args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, help="optimizer steps (default: one epoch, so both arms see "
-                        "every example once whatever order they take them in)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="optimizer steps (default: one epoch, so both arms see "
+        "every example once whatever order they take them in)",
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="the plan's batch_size")
     parser.add_argument("--accumulation", type=int, default=4, help="the plan's gradient_accumulation_steps")
     parser.add_argument("--data", choices=["tron", "plan-shaped"], default="tron")
@@ -161,22 +193,33 @@ def main() -> None:
         examples = len(json.loads(DATA.read_text(encoding="utf-8")))
         args.steps = -(-examples // (args.batch_size * args.accumulation))
     losses = _in_child(_fixed_batch_losses, args.batch_size * args.accumulation, args.data, home)
-    print(f"fixed batch of {args.batch_size * args.accumulation}: padded loss {losses['padded_loss']:.6f}, packed loss "
-          f"{losses['packed_loss']:.6f} (|diff| {losses['abs_diff']:.2e})")
+    print(
+        f"fixed batch of {args.batch_size * args.accumulation}: padded loss {losses['padded_loss']:.6f}, packed loss "
+        f"{losses['packed_loss']:.6f} (|diff| {losses['abs_diff']:.2e})"
+    )
     baseline = _in_child(_arm, False, args.steps, args.batch_size, args.accumulation, args.data, home)
     ours = _in_child(_arm, True, args.steps, args.batch_size, args.accumulation, args.data, home)
     assert baseline["real_tokens"] == ours["real_tokens"], "both arms must see the same examples"
     ratio = ours["tokens_per_second"] / baseline["tokens_per_second"]
     for arm in (baseline, ours):
-        print(f"{arm['arm']:<30} {arm['tokens_per_second']:7.1f} tok/s  {arm['train_seconds']:6.1f} s  "
-              f"computed {arm['computed_tokens']} tokens for {arm['real_tokens']} real  "
-              f"loss {arm['final_loss']:.4f}  peak RSS {arm['peak_rss_mb']:.0f} MB")
+        print(
+            f"{arm['arm']:<30} {arm['tokens_per_second']:7.1f} tok/s  {arm['train_seconds']:6.1f} s  "
+            f"computed {arm['computed_tokens']} tokens for {arm['real_tokens']} real  "
+            f"loss {arm['final_loss']:.4f}  peak RSS {arm['peak_rss_mb']:.0f} MB"
+        )
     print(f"speed-up {ratio:.2f}x (target >= 1.3x)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"data": args.data, "steps": args.steps, "batch_size": args.batch_size, "accumulation": args.accumulation,
-              "fixed_batch": losses, "baseline": baseline,
-              "ours": ours, "speedup": ratio}
+    result = {
+        "data": args.data,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "accumulation": args.accumulation,
+        "fixed_batch": losses,
+        "baseline": baseline,
+        "ours": ours,
+        "speedup": ratio,
+    }
     written = out / f"training-{args.data}-{args.batch_size}x{args.accumulation}.json"
     written.write_text(json.dumps(result, indent=2))
     print(f"wrote {written}")

@@ -10,8 +10,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from scalpel.errors import ScalpelError
-from scalpel.gguf_meta import read_gguf
+from core.errors import ScalpelError
+from core.gguf_meta import read_gguf
 
 # Hugging Face architectures whose weights map onto a llama.cpp architecture, with the q/k row
 # permutation llama.cpp's LLAMA graph expects (it applies "normal" rope to permuted rows).
@@ -27,13 +27,15 @@ def arch_from_name(name: str) -> gguf.MODEL_ARCH:
     for arch, arch_name in gguf.MODEL_ARCH_NAMES.items():
         if arch_name == name:
             return arch
-    raise ScalpelError(f"unknown GGUF architecture {name!r}", param="general.architecture",
-                       code="unsupported_architecture")
+    raise ScalpelError(
+        f"unknown GGUF architecture {name!r}", param="general.architecture", code="unsupported_architecture"
+    )
 
 
 @dataclass
 class BaseLayout:
     """A base model's architecture and weight shapes, read from a GGUF or from an HF config.json."""
+
     arch: gguf.MODEL_ARCH
     n_layers: int
     n_head: int
@@ -53,8 +55,9 @@ class BaseLayout:
         """HF module or tensor name -> GGUF tensor name (without the '.weight' suffix for modules)."""
         mapped = self.name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if mapped is None:
-            raise ScalpelError(f"{hf_name!r} has no GGUF name for architecture {self.arch_name}",
-                               param=hf_name, code="unmapped_tensor")
+            raise ScalpelError(
+                f"{hf_name!r} has no GGUF name for architecture {self.arch_name}", param=hf_name, code="unmapped_tensor"
+            )
         return mapped
 
     def permute_rows(self, rows: np.ndarray, gguf_name: str) -> np.ndarray:
@@ -68,8 +71,7 @@ class BaseLayout:
         else:
             return rows
         out = rows.shape[0]
-        return (rows.reshape(heads, 2, out // heads // 2, *rows.shape[1:])
-                .swapaxes(1, 2).reshape(rows.shape))
+        return rows.reshape(heads, 2, out // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def layout_from_gguf(path: Path) -> BaseLayout:
@@ -79,9 +81,14 @@ def layout_from_gguf(path: Path) -> BaseLayout:
     arch = arch_from_name(info.architecture)
     n_head = int(info.arch_value("attention.head_count", 0))
     shapes = {name: (t.ne[1], t.ne[0]) for name, t in info.tensors.items() if len(t.ne) == 2}
-    return BaseLayout(arch=arch, n_layers=int(info.arch_value("block_count", 0)), n_head=n_head,
-                      n_head_kv=int(info.arch_value("attention.head_count_kv", n_head)),
-                      shapes=shapes, source=str(path))
+    return BaseLayout(
+        arch=arch,
+        n_layers=int(info.arch_value("block_count", 0)),
+        n_head=n_head,
+        n_head_kv=int(info.arch_value("attention.head_count_kv", n_head)),
+        shapes=shapes,
+        source=str(path),
+    )
 
 
 def read_hf_config(folder: Path) -> dict:
@@ -96,8 +103,11 @@ def hf_arch(config: dict) -> gguf.MODEL_ARCH:
     for name in names:
         if name in HF_ARCHITECTURES:
             return HF_ARCHITECTURES[name]
-    raise ScalpelError(f"unsupported architecture {names or config.get('model_type')!r}; supported: "
-                       f"{sorted(HF_ARCHITECTURES)}", param="architectures", code="unsupported_architecture")
+    raise ScalpelError(
+        f"unsupported architecture {names or config.get('model_type')!r}; supported: {sorted(HF_ARCHITECTURES)}",
+        param="architectures",
+        code="unsupported_architecture",
+    )
 
 
 def layout_from_hf_config(config: dict, source: str = "config.json") -> BaseLayout:
@@ -109,13 +119,18 @@ def layout_from_hf_config(config: dict, source: str = "config.json") -> BaseLayo
     head_dim = config.get("head_dim") or hidden // n_head
     ffn = config["intermediate_size"]
     n_layers = config["num_hidden_layers"]
-    per_layer = {"attn_q": (n_head * head_dim, hidden), "attn_k": (n_head_kv * head_dim, hidden),
-                 "attn_v": (n_head_kv * head_dim, hidden), "attn_output": (hidden, n_head * head_dim),
-                 "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+    per_layer = {
+        "attn_q": (n_head * head_dim, hidden),
+        "attn_k": (n_head_kv * head_dim, hidden),
+        "attn_v": (n_head_kv * head_dim, hidden),
+        "attn_output": (hidden, n_head * head_dim),
+        "ffn_gate": (ffn, hidden),
+        "ffn_up": (ffn, hidden),
+        "ffn_down": (hidden, ffn),
+    }
     shapes = {f"blk.{i}.{t}.weight": s for i in range(n_layers) for t, s in per_layer.items()}
     shapes["token_embd.weight"] = (config["vocab_size"], hidden)
-    return BaseLayout(arch=arch, n_layers=n_layers, n_head=n_head, n_head_kv=n_head_kv,
-                      shapes=shapes, source=source)
+    return BaseLayout(arch=arch, n_layers=n_layers, n_head=n_head, n_head_kv=n_head_kv, shapes=shapes, source=source)
 
 
 def layout_for(path: Path) -> BaseLayout:

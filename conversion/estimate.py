@@ -1,22 +1,39 @@
-"""Size a LoRA before training: parameters, file size per dtype, and the memory to train and to serve it, from config.json alone."""
+"""Size a LoRA before training, from config.json alone: parameters, file size per dtype, memory to train and serve."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from conversion.architecture import BaseLayout, layout_from_hf_config, layout_from_gguf, read_hf_config
-from scalpel.errors import ScalpelError
+from conversion.architecture import BaseLayout, layout_from_gguf, layout_from_hf_config, read_hf_config
+from core.errors import ScalpelError
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
-MODULE_TENSORS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-                  "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+MODULE_TENSORS = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
 BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 # Bits per weight of common GGUF base types, for serving memory.
-BASE_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.69, "q4_k_m": 4.85,
-             "q4_1": 5.0, "q4_0": 4.5}
-NUCLEAR = {"r": 32, "lora_alpha": 64, "target_modules": list(MODULE_TENSORS)}
+BASE_BITS = {
+    "f32": 32,
+    "f16": 16,
+    "bf16": 16,
+    "q8_0": 8.5,
+    "q6_k": 6.56,
+    "q5_k_m": 5.69,
+    "q4_k_m": 4.85,
+    "q4_1": 5.0,
+    "q4_0": 4.5,
+}
+NUCLEAR: dict[str, Any] = {"r": 32, "lora_alpha": 64, "target_modules": list(MODULE_TENSORS)}
 
 
 @dataclass
@@ -48,8 +65,7 @@ def load_profile(spec: str) -> tuple[dict, BaseLayout]:
         config = json.loads(path.read_text(encoding="utf-8"))
     else:
         known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.json")))
-        raise ScalpelError(f"no profile, config.json or GGUF named {spec!r} (shipped profiles: {known})",
-                           param="base")
+        raise ScalpelError(f"no profile, config.json or GGUF named {spec!r} (shipped profiles: {known})", param="base")
     return config, layout_from_hf_config(config, str(path))
 
 
@@ -59,8 +75,12 @@ def lora_size(layout: BaseLayout, r: int, target_modules: list[str]) -> LoraEsti
         for module in target_modules:
             out_features, in_features = layout.shapes[f"blk.{i}.{MODULE_TENSORS[module]}.weight"]
             params += r * (in_features + out_features)
-    return LoraEstimate(r=r, target_modules=list(target_modules), params=params,
-                        size_mb={dtype: params * b / 1e6 for dtype, b in BYTES.items()})
+    return LoraEstimate(
+        r=r,
+        target_modules=list(target_modules),
+        params=params,
+        size_mb={dtype: params * b / 1e6 for dtype, b in BYTES.items()},
+    )
 
 
 def base_params(layout: BaseLayout, config: dict) -> int:
@@ -72,8 +92,17 @@ def base_params(layout: BaseLayout, config: dict) -> int:
     return params
 
 
-def memory(layout: BaseLayout, config: dict, lora: LoraEstimate, *, seq: int = 2048, batch: int = 1,
-           train_dtype_bytes: int = 2, base_type: str = "q4_k_m", n_ctx: int = 4096) -> MemoryEstimate:
+def memory(
+    layout: BaseLayout,
+    config: dict,
+    lora: LoraEstimate,
+    *,
+    seq: int = 2048,
+    batch: int = 1,
+    train_dtype_bytes: int = 2,
+    base_type: str = "q4_k_m",
+    n_ctx: int = 4096,
+) -> MemoryEstimate:
     """Rough but explicit: weights + LoRA optimizer state + activations to train; GGUF + KV cache to serve."""
     n = base_params(layout, config)
     hidden = config.get("hidden_size", 0)
@@ -89,7 +118,9 @@ def memory(layout: BaseLayout, config: dict, lora: LoraEstimate, *, seq: int = 2
     train = weights + lora_state + activations
     kv = n_ctx * layout.n_layers * 2 * layout.n_head_kv * head_dim * 2  # f16 K and V
     serve = n * BASE_BITS[base_type] / 8 + kv + lora.size_mb["f32"] * 1e6
-    notes = [f"training: {train_dtype_bytes * 8}-bit base weights, batch {batch} x {seq} tokens, no gradient "
-             "checkpointing (it cuts activations by about the number of layers)",
-             f"serving: {base_type} base, {n_ctx}-token f16 KV cache, one f32 adapter"]
+    notes = [
+        f"training: {train_dtype_bytes * 8}-bit base weights, batch {batch} x {seq} tokens, no gradient "
+        "checkpointing (it cuts activations by about the number of layers)",
+        f"serving: {base_type} base, {n_ctx}-token f16 KV cache, one f32 adapter",
+    ]
     return MemoryEstimate(base_params=n, train_gb=train / 1e9, serve_gb=serve / 1e9, notes=notes)

@@ -14,11 +14,15 @@ from tqdm import tqdm
 
 from conversion.architecture import BaseLayout, layout_from_hf_config, read_hf_config
 from conversion.tensor_types import OUTTYPES, choose_type, encode, tensor_info
-from scalpel.atomic import temporary_path
-from scalpel.errors import ScalpelError
+from core.atomic import temporary_path
+from core.errors import ScalpelError
 
-FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+FILE_TYPES = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+}
 _SKIPPED = ("rotary_emb.inv_freq",)
 
 
@@ -36,8 +40,11 @@ def _safetensors_files(folder: Path) -> list[Path]:
         return [folder / n for n in names]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ScalpelError(f"{folder} has no .safetensors weights (pickled .bin weights are not loaded)",
-                           param=str(folder), code="no_safetensors")
+        raise ScalpelError(
+            f"{folder} has no .safetensors weights (pickled .bin weights are not loaded)",
+            param=str(folder),
+            code="no_safetensors",
+        )
     return files
 
 
@@ -45,6 +52,7 @@ def _safetensors_files(folder: Path) -> list[Path]:
 class Rope:
     """The rotary embedding as llama.cpp's llama graph takes it: a base, an optional linear scaling, and
     for Llama 3.1-style scaling a per-frequency divisor stored as the `rope_freqs` tensor."""
+
     theta: float
     linear_factor: float | None = None
     freq_factors: np.ndarray | None = None
@@ -60,8 +68,11 @@ def rope_from_config(config: dict, head_dim: int) -> Rope:
         return Rope(theta, linear_factor=float(rope["factor"]))
     if kind == "llama3":
         return Rope(theta, freq_factors=llama3_freq_factors(theta, head_dim, rope))
-    raise ScalpelError(f"rope type {kind!r} is not supported (supported: default, linear, llama3)",
-                       param="rope_parameters.rope_type", code="unsupported_architecture")
+    raise ScalpelError(
+        f"rope type {kind!r} is not supported (supported: default, linear, llama3)",
+        param="rope_parameters.rope_type",
+        code="unsupported_architecture",
+    )
 
 
 def llama3_freq_factors(theta: float, head_dim: int, rope: dict) -> np.ndarray:
@@ -79,8 +90,9 @@ def _head_dim(config: dict, layout: BaseLayout) -> int:
     return config.get("head_dim") or config["hidden_size"] // layout.n_head
 
 
-def _write_metadata(writer: gguf.GGUFWriter, config: dict, layout: BaseLayout, rope: Rope, outtype: str,
-                    name: str) -> None:
+def _write_metadata(
+    writer: gguf.GGUFWriter, config: dict, layout: BaseLayout, rope: Rope, outtype: str, name: str
+) -> None:
     hidden = config["hidden_size"]
     head_dim = _head_dim(config, layout)
     writer.add_name(name)
@@ -111,8 +123,7 @@ def _write_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> 
         _bpe_vocab(writer, folder, vocab_size)
     else:
         raise ScalpelError(f"{folder} has neither tokenizer.json nor tokenizer.model", param=str(folder))
-    special = gguf.SpecialVocab(folder, load_merges=not (folder / "tokenizer.model").is_file(),
-                                n_vocab=vocab_size)
+    special = gguf.SpecialVocab(folder, load_merges=not (folder / "tokenizer.model").is_file(), n_vocab=vocab_size)
     special.add_to_gguf(writer, quiet=True)
 
 
@@ -120,8 +131,11 @@ def _bpe_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
     data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     model = data["model"]
     if model.get("type") != "BPE":
-        raise ScalpelError(f"tokenizer.json model type {model.get('type')!r} is not supported",
-                           param="tokenizer.json", code="unsupported_tokenizer")
+        raise ScalpelError(
+            f"tokenizer.json model type {model.get('type')!r} is not supported",
+            param="tokenizer.json",
+            code="unsupported_tokenizer",
+        )
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
     for text, token_id in model["vocab"].items():
@@ -151,13 +165,16 @@ def bpe_pre_type(pre: dict | None) -> str:
         return "smollm"
     if kinds and kinds[0] == "Split":
         pattern = parts[0].get("pattern", {}).get("Regex", "")
-        if "\\p{N}{1,3}" in pattern or "\p{N}{1,3}" in pattern:
+        if "\\p{N}{1,3}" in pattern or r"\p{N}{1,3}" in pattern:
             return "llama-bpe"
-        if "\\p{N}|" in pattern or "\p{N}|" in pattern:
+        if "\\p{N}|" in pattern or r"\p{N}|" in pattern:
             return "qwen2"
-    raise ScalpelError(f"tokenizer.json has a pre-tokenizer llama.cpp is not known to match ({kinds}); "
-                       "supported: GPT-2 byte-level, SmolLM, Llama 3, Qwen2", param="tokenizer.json",
-                       code="unsupported_tokenizer")
+    raise ScalpelError(
+        f"tokenizer.json has a pre-tokenizer llama.cpp is not known to match ({kinds}); "
+        "supported: GPT-2 byte-level, SmolLM, Llama 3, Qwen2",
+        param="tokenizer.json",
+        code="unsupported_tokenizer",
+    )
 
 
 def _added_tokens(folder: Path) -> list[tuple[int, str, bool]]:
@@ -180,9 +197,17 @@ def _sentencepiece_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int)
     types = [gguf.TokenType.UNUSED] * vocab_size
     for i in range(min(sp.vocab_size(), vocab_size)):
         tokens[i], scores[i] = sp.id_to_piece(i), sp.get_score(i)
-        types[i] = (gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
-                    else gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.BYTE if sp.is_byte(i)
-                    else gguf.TokenType.NORMAL)
+        types[i] = (
+            gguf.TokenType.UNKNOWN
+            if sp.is_unknown(i)
+            else gguf.TokenType.CONTROL
+            if sp.is_control(i)
+            else gguf.TokenType.UNUSED
+            if sp.is_unused(i)
+            else gguf.TokenType.BYTE
+            if sp.is_byte(i)
+            else gguf.TokenType.NORMAL
+        )
     for token_id, text, special in _added_tokens(folder):
         if token_id < vocab_size and (token_id >= sp.vocab_size() or tokens[token_id] != text):
             tokens[token_id], scores[token_id] = text, -1000.0
@@ -206,7 +231,7 @@ def convert_base(folder: Path, out_path: Path, *, outtype: str = "f16", progress
     plan: list[tuple[Path, str, str, gguf.GGMLQuantizationType]] = []  # file, hf name, gguf name, type
     for f in files:
         with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
+            for key in st.keys():  # noqa: SIM118 - safe_open lists its tensors by keys(); it is not iterable
                 if key.endswith(_SKIPPED):
                     continue
                 shape = st.get_slice(key).get_shape()
@@ -239,9 +264,10 @@ def convert_base(folder: Path, out_path: Path, *, outtype: str = "f16", progress
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         current, handle = None, None
-        for f, key, name, qtype in tqdm(plan, desc=f"writing {Path(out_path).name}", unit="tensor",
-                                        disable=not progress):
-            if f != current:
+        for f, key, name, qtype in tqdm(
+            plan, desc=f"writing {Path(out_path).name}", unit="tensor", disable=not progress
+        ):
+            if f != current or handle is None:
                 handle = safe_open(str(f), framework="pt")
                 current = f
             tensor = handle.get_tensor(key)
@@ -258,6 +284,7 @@ def convert_to(folder: Path, out_path: Path, outtype: str, *, progress: bool = T
     if outtype in OUTTYPES:
         return convert_base(folder, out_path, outtype=outtype, progress=progress).path
     from conversion.quantize import quantize
+
     intermediate = Path(out_path).with_name(f".{Path(out_path).name}.f16")
     try:
         convert_base(folder, intermediate, outtype="f16", progress=progress)

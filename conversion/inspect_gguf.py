@@ -6,8 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from conversion.architecture import BaseLayout
-from conversion.lora_to_gguf import BASE_FINGERPRINT_KEY
-from scalpel.gguf_meta import GGUFInfo
+from core.gguf_meta import BASE_FINGERPRINT_KEY, GGUFInfo
 
 _ADAPTER_SUFFIXES = (".lora_a", ".lora_b")
 
@@ -23,9 +22,15 @@ def summarize(info: GGUFInfo) -> dict:
     for t in info.tensors.values():
         by_type[t.type]["tensors"] += 1
         by_type[t.type]["mb"] += t.n_bytes / 1e6
-    return {"file": str(info.path), "type": info.file_type, "architecture": info.architecture,
-            "size_mb": info.path.stat().st_size / 1e6, "tensors": len(info.tensors),
-            "tensor_types": dict(by_type), "vocab_size": len(info.tokens) or None}
+    return {
+        "file": str(info.path),
+        "type": info.file_type,
+        "architecture": info.architecture,
+        "size_mb": info.path.stat().st_size / 1e6,
+        "tensors": len(info.tensors),
+        "tensor_types": dict(by_type),
+        "vocab_size": len(info.tokens) or None,
+    }
 
 
 def check_adapter(adapter: GGUFInfo, base: BaseLayout, base_fingerprint: str | None = None) -> Compatibility:
@@ -52,13 +57,16 @@ def check_adapter(adapter: GGUFInfo, base: BaseLayout, base_fingerprint: str | N
         out_features, in_features = base.shapes[target]
         a, b = pair["lora_a"], pair["lora_b"]
         if a[0] != in_features or b[1] != out_features or a[1] != b[0]:
-            problems.append(f"{target}: lora_a {list(a)} / lora_b {list(b)} do not fit the base's "
-                            f"{out_features}x{in_features}")
+            problems.append(
+                f"{target}: lora_a {list(a)} / lora_b {list(b)} do not fit the base's {out_features}x{in_features}"
+            )
     if not pairs:
         problems.append("no lora_a/lora_b tensors")
     return Compatibility(compatible=not problems, problems=problems)
 
 
 def tensor_table(info: GGUFInfo, limit: int | None = None) -> list[tuple[str, str, str, float]]:
-    return [(name, t.type, "x".join(str(x) for x in t.ne), t.n_bytes / 1e6)
-            for name, t in list(info.tensors.items())[:limit]]
+    return [
+        (name, t.type, "x".join(str(x) for x in t.ne), t.n_bytes / 1e6)
+        for name, t in list(info.tensors.items())[:limit]
+    ]

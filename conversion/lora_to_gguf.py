@@ -14,11 +14,8 @@ from safetensors import safe_open
 
 from conversion.architecture import BaseLayout
 from conversion.tensor_types import OUTTYPES, choose_type, encode
-from scalpel.atomic import temporary_path
-from scalpel.errors import ScalpelError
-
-# Written into every adapter we convert, so a server can refuse an adapter made for another base.
-BASE_FINGERPRINT_KEY = "scalpel.base.fingerprint"
+from core.atomic import temporary_path
+from core.errors import ScalpelError
 
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<side>A|B)\.weight$")
 
@@ -40,12 +37,18 @@ def _read_adapter_config(adapter_dir: Path) -> dict:
     if config.get("peft_type", "LORA") != "LORA":
         raise ScalpelError(f"{f}: peft_type {config.get('peft_type')!r} is not LoRA", param="peft_type")
     if config.get("use_dora"):
-        raise ScalpelError(f"{f}: DoRA adapters cannot be expressed as a llama.cpp LoRA (use_dora=true)",
-                           param="use_dora", code="unsupported_adapter")
+        raise ScalpelError(
+            f"{f}: DoRA adapters cannot be expressed as a llama.cpp LoRA (use_dora=true)",
+            param="use_dora",
+            code="unsupported_adapter",
+        )
     if config.get("modules_to_save"):
-        raise ScalpelError(f"{f}: modules_to_save {config['modules_to_save']} are full weight copies, "
-                           "which a GGUF LoRA adapter cannot carry", param="modules_to_save",
-                           code="unsupported_adapter")
+        raise ScalpelError(
+            f"{f}: modules_to_save {config['modules_to_save']} are full weight copies, "
+            "which a GGUF LoRA adapter cannot carry",
+            param="modules_to_save",
+            code="unsupported_adapter",
+        )
     return config
 
 
@@ -61,36 +64,48 @@ def _scaling(config: dict, module: str, rank: int) -> float:
 def _load_pairs(adapter_dir: Path) -> dict[str, dict[str, np.ndarray]]:
     f = adapter_dir / "adapter_model.safetensors"
     if not f.is_file():
-        raise ScalpelError(f"{adapter_dir} has no adapter_model.safetensors (only safetensors adapters "
-                           "are accepted)", param=str(adapter_dir))
+        raise ScalpelError(
+            f"{adapter_dir} has no adapter_model.safetensors (only safetensors adapters are accepted)",
+            param=str(adapter_dir),
+        )
     pairs: dict[str, dict[str, np.ndarray]] = {}
     with safe_open(str(f), framework="pt") as st:
-        for key in st.keys():
+        for key in st.keys():  # noqa: SIM118 - safe_open lists its tensors by keys(); it is not iterable
             if "lora_magnitude_vector" in key:
-                raise ScalpelError(f"{f}: {key} is a DoRA magnitude: DoRA cannot be converted",
-                                   param=key, code="unsupported_adapter")
+                raise ScalpelError(
+                    f"{f}: {key} is a DoRA magnitude: DoRA cannot be converted", param=key, code="unsupported_adapter"
+                )
             if "lora_embedding" in key or "embed_tokens" in key:
-                raise ScalpelError(f"{f}: {key}: LoRA on embeddings cannot be converted",
-                                   param=key, code="unsupported_adapter")
+                raise ScalpelError(
+                    f"{f}: {key}: LoRA on embeddings cannot be converted", param=key, code="unsupported_adapter"
+                )
             if "lm_head" in key:
-                raise ScalpelError(f"{f}: {key}: LoRA on lm_head cannot be converted; target attention or "
-                                   "MLP projections", param=key, code="unsupported_adapter")
+                raise ScalpelError(
+                    f"{f}: {key}: LoRA on lm_head cannot be converted; target attention or MLP projections",
+                    param=key,
+                    code="unsupported_adapter",
+                )
             match = _KEY.match(key)
             if not match:
-                raise ScalpelError(f"{f}: unexpected tensor {key!r} (only lora_A/lora_B weights can be "
-                                   "converted)", param=key, code="unsupported_adapter")
+                raise ScalpelError(
+                    f"{f}: unexpected tensor {key!r} (only lora_A/lora_B weights can be converted)",
+                    param=key,
+                    code="unsupported_adapter",
+                )
             pairs.setdefault(match["module"], {})[match["side"]] = st.get_tensor(key).float().numpy()
     for module, pair in pairs.items():
         if set(pair) != {"A", "B"}:
-            raise ScalpelError(f"{f}: {module} has lora_{''.join(pair)} but not both A and B",
-                               param=module, code="invalid_adapter")
+            raise ScalpelError(
+                f"{f}: {module} has lora_{''.join(pair)} but not both A and B", param=module, code="invalid_adapter"
+            )
     if not pairs:
         raise ScalpelError(f"{f}: no LoRA weights", param=str(f), code="invalid_adapter")
     return pairs
 
 
-def convert_lora(adapter_dir: Path, base: BaseLayout, out_path: Path, *, outtype: str = "f32",
-                 metadata: dict[str, str] | None = None) -> LoraConversion:
+def convert_lora(
+    adapter_dir: Path, base: BaseLayout, out_path: Path, *, outtype: str = "f32", metadata: dict[str, str] | None = None
+) -> LoraConversion:
     """Write `out_path` atomically; every lora_B carries the permutation and scale the base needs."""
     if outtype not in OUTTYPES:
         raise ScalpelError(f"unsupported outtype {outtype!r}; choose from {sorted(OUTTYPES)}", param="outtype")
@@ -109,17 +124,23 @@ def convert_lora(adapter_dir: Path, base: BaseLayout, out_path: Path, *, outtype
         a, b = pairs[module]["A"], pairs[module]["B"]
         rank = a.shape[0]
         if b.shape[1] != rank:
-            raise ScalpelError(f"{module}: lora_A has rank {rank} but lora_B has {b.shape[1]}",
-                               param=module, code="invalid_adapter")
+            raise ScalpelError(
+                f"{module}: lora_A has rank {rank} but lora_B has {b.shape[1]}", param=module, code="invalid_adapter"
+            )
         name = base.gguf_name(module)
         expected = base.shapes.get(f"{name}.weight")
         if expected is None:
-            raise ScalpelError(f"{module} ({name}.weight) does not exist in the base {base.source}",
-                               param=module, code="base_mismatch")
+            raise ScalpelError(
+                f"{module} ({name}.weight) does not exist in the base {base.source}", param=module, code="base_mismatch"
+            )
         if expected != (b.shape[0], a.shape[1]):
-            raise ScalpelError(f"{module}: the adapter expects a {b.shape[0]}x{a.shape[1]} weight but the "
-                               f"base {base.source} has {expected[0]}x{expected[1]}: this adapter was "
-                               "trained for a different base", param=module, code="base_mismatch")
+            raise ScalpelError(
+                f"{module}: the adapter expects a {b.shape[0]}x{a.shape[1]} weight but the "
+                f"base {base.source} has {expected[0]}x{expected[1]}: this adapter was "
+                "trained for a different base",
+                param=module,
+                code="base_mismatch",
+            )
         factor = _scaling(config, module, rank) / (gguf_alpha / rank)
         if not math.isclose(factor, 1.0, rel_tol=1e-6):
             b = b * factor
@@ -145,5 +166,4 @@ def convert_lora(adapter_dir: Path, base: BaseLayout, out_path: Path, *, outtype
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return LoraConversion(path=Path(out_path), alpha=gguf_alpha, rank=first_rank,
-                          n_modules=len(pairs), n_bytes=n_bytes)
+    return LoraConversion(path=Path(out_path), alpha=gguf_alpha, rank=first_rank, n_modules=len(pairs), n_bytes=n_bytes)

@@ -1,4 +1,4 @@
-"""Quantize a GGUF base with llama.cpp's own quantizer (llama_model_quantize), for the k-quants we do not write ourselves."""
+"""Quantize a GGUF base with llama.cpp's own quantizer, for the k-quants we do not write ourselves."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import llama_cpp
 
-from scalpel.atomic import temporary_path
-from scalpel.errors import ScalpelError
+from core.atomic import temporary_path
+from core.errors import ScalpelError
 
 LLAMA_QUANTS = {
     "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
@@ -30,6 +30,9 @@ def quantize(src: Path, dst: Path, kind: str, *, threads: int | None = None) -> 
     with temporary_path(Path(dst)) as tmp:
         status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if status != 0 or not tmp.is_file():
-            raise ScalpelError(f"llama.cpp could not quantize {src} to {kind} (status {status})",
-                               param=str(src), code="quantize_failed")
+            raise ScalpelError(
+                f"llama.cpp could not quantize {src} to {kind} (status {status})",
+                param=str(src),
+                code="quantize_failed",
+            )
     return Path(dst)

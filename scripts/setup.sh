@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv if it is missing and install scalpel with everything it needs; safe to run again.
 #
-# llama-cpp-python is built by us, with the flags of scalpel/llama_build.py (this CPU's features,
+# llama-cpp-python is built by us, with the flags of core/llama_build.py (this CPU's features,
 # never AMX unless SCALPEL_LLAMA_AMX=1; Metal on Apple silicon; CUDA where nvidia-smi sees a GPU or
 # SCALPEL_LLAMA_BACKEND=cuda). pip's own wheel cache keys a wheel by its source archive, not by
 # CMAKE_ARGS, so it could hand back a wheel built with other flags: the wheel is built with
@@ -13,14 +13,14 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PY=.venv/bin/python
 PIP="$PY -m pip"
-BUILD="$PY scalpel/llama_build.py"
+BUILD="$PY core/llama_build.py"
 
-LLAMA_VERSION=$($PY -c 'import runpy; print(runpy.run_path("scalpel/llama_build.py")["LLAMA_CPP_PYTHON_VERSION"])')
+LLAMA_VERSION=$($PY -c 'import runpy; print(runpy.run_path("core/llama_build.py")["LLAMA_CPP_PYTHON_VERSION"])')
 CMAKE_FLAGS=$($BUILD cmake-args)
 KEY=$($BUILD key)
 CACHE=${SCALPEL_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/scalpel/wheels}
 WHEEL_DIR="$CACHE/$KEY"
-STAMP=$(cat pyproject.toml scripts/setup.sh scalpel/llama_build.py | sha256sum | cut -c1-16)-$KEY
+STAMP=$(cat pyproject.toml scripts/setup.sh core/llama_build.py | sha256sum | cut -c1-16)-$KEY
 
 build_llama() {
     echo "scalpel setup: building llama-cpp-python $LLAMA_VERSION (a few minutes) with"

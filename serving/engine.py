@@ -7,29 +7,19 @@ import ctypes
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import llama_cpp
 import numpy as np
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
-from conversion.lora_to_gguf import BASE_FINGERPRINT_KEY
-from scalpel import adapter_store, chat, threads
-from scalpel.errors import ConflictError, ScalpelError
-from scalpel.gguf_meta import read_gguf
-from scalpel.model_store import ModelEntry
+from core import adapter_store, chat, threads
+from core.errors import ConflictError, ScalpelError
+from core.gguf_meta import BASE_FINGERPRINT_KEY, read_gguf
+from core.model_store import ModelEntry
 from serving.queue import Cancelled, FairQueue, Ticket
-
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    n_ctx: int = 4096
-    n_threads: int | None = None  # None: SCALPEL_THREADS, else every usable physical core (scalpel.threads)
-    n_gpu_layers: int = -1  # all layers on Metal/CUDA builds; ignored by a CPU build
-    use_mmap: bool = True
-    max_waiting: int = 16   # requests that may wait for their turn; more get 429
+from serving.settings import EngineSettings
 
 
 @dataclass(frozen=True)
@@ -49,6 +39,7 @@ class GenerationParams:
 @dataclass
 class Piece:
     """Newly released completion text, with its tokens' log-probabilities when asked for."""
+
     text: str
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
@@ -59,9 +50,10 @@ class Piece:
 @dataclass
 class Scores:
     """Engine.score's answer, one value per position after the first token."""
+
     logprobs: np.ndarray  # log-probability of the next token given the ones before it
-    choices: np.ndarray   # the token the model would have chosen there (greedy)
-    margins: np.ndarray   # top-1 minus top-2 logit: how decided that choice was
+    choices: np.ndarray  # the token the model would have chosen there (greedy)
+    margins: np.ndarray  # top-1 minus top-2 logit: how decided that choice was
 
 
 AdapterSet = tuple[tuple[str, float], ...]  # ((adapter ref "name@vN", scale), ...)
@@ -75,10 +67,16 @@ class Engine:
         self.settings = settings
         # The same count for decoding and for prompt evaluation (llama-cpp-python's defaults are
         # cpu_count // 2 and cpu_count, which starve or oversubscribe a small VM).
-        self.threads = threads.resolve(settings.n_threads)
-        self.llm = llama_cpp.Llama(model_path=base.gguf, n_ctx=settings.n_ctx, n_threads=self.threads,
-                                   n_threads_batch=self.threads, n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.use_mmap,
-                                   verbose=False)
+        self.threads = threads.resolve(settings.threads)
+        self.llm = llama_cpp.Llama(
+            model_path=base.gguf,
+            n_ctx=settings.n_ctx,
+            n_threads=self.threads,
+            n_threads_batch=self.threads,
+            n_gpu_layers=settings.n_gpu_layers,
+            use_mmap=settings.use_mmap,
+            verbose=False,
+        )
         self._lock = threading.Lock()  # the llama.cpp model and context: one user at a time
         self.queue = FairQueue(settings.max_waiting)
         self._loaded: dict[str, ctypes.c_void_p] = {}  # adapter ref -> llama_adapter_lora pointer
@@ -86,8 +84,12 @@ class Engine:
         self._applied: AdapterSet = ()
         self.adapter_switches = 0
         self.cancelled_generations = 0  # stopped early because the client went away
-        self.on_switch = None  # called with the seconds each adapter switch took (metrics)
+        self._switch_listeners: list[Callable[[float], None]] = []  # told each switch's seconds (metrics)
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+
+    def add_switch_listener(self, listener: Callable[[float], None]) -> None:
+        """Call `listener` with the seconds every later adapter-set change takes."""
+        self._switch_listeners.append(listener)
 
     # --- adapters -------------------------------------------------------------------------------
     def loaded(self) -> list[str]:
@@ -99,12 +101,16 @@ class Engine:
             return version.ref
         info = read_gguf(version.gguf, with_tokens=False)
         if info.file_type != "adapter" or info.metadata.get("adapter.type") != "lora":
-            raise ScalpelError(f"{version.ref}: adapter.gguf is not a LoRA adapter", param="model",
-                               code="invalid_adapter")
+            raise ScalpelError(
+                f"{version.ref}: adapter.gguf is not a LoRA adapter", param="model", code="invalid_adapter"
+            )
         trained_on = info.metadata.get(BASE_FINGERPRINT_KEY)
         if info.architecture != self.base.architecture or (trained_on and trained_on != self.base.fingerprint):
-            raise ConflictError(f"{version.ref} was converted for another base model than {self.base.name!r}",
-                                param="model", code="base_mismatch")
+            raise ConflictError(
+                f"{version.ref} was converted for another base model than {self.base.name!r}",
+                param="model",
+                code="base_mismatch",
+            )
         with self._lock:
             self._init_adapter(version)
         return version.ref
@@ -136,7 +142,7 @@ class Engine:
             self._init_adapter(self._versions[ref])
         begun = time.perf_counter()
         n = len(adapters)
-        pointers = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[self._loaded[r] for r, _ in adapters])
+        pointers = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[self._loaded[r] for r, _ in adapters])  # type: ignore[misc]  # c_void_p handles, as llama.cpp gave them
         scales = (ctypes.c_float * max(n, 1))(*[s for _, s in adapters])
         if llama_cpp.llama_set_adapters_lora(self.llm.ctx, pointers, n, scales):
             raise ScalpelError("llama.cpp refused the adapter set", code="adapter_apply_failed", status=500)
@@ -144,22 +150,30 @@ class Engine:
         self.llm.reset()
         self._applied = adapters
         self.adapter_switches += 1
-        if self.on_switch:
-            self.on_switch(time.perf_counter() - begun)
+        for listener in self._switch_listeners:
+            listener(time.perf_counter() - begun)
 
     # --- generation -----------------------------------------------------------------------------
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         """The prompt exactly as training rendered it: the base's template, then its BOS rule."""
-        text = chat.render(self.base.chat_template, messages, add_generation_prompt=True,
-                           bos_token=self.base.bos_token, eos_token=self.base.eos_token)
+        text = chat.render(
+            self.base.chat_template,
+            messages,
+            add_generation_prompt=True,
+            bos_token=self.base.bos_token,
+            eos_token=self.base.eos_token,
+        )
         add_bos = chat.needs_bos(text, add_bos=self.base.add_bos, bos_token=self.base.bos_token)
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def check_fits(self, n_prompt: int, max_tokens: int | None) -> int:
         n_ctx = self.llm.n_ctx()
         if n_prompt >= n_ctx:
-            raise ScalpelError(f"the prompt has {n_prompt} tokens but the context holds {n_ctx}",
-                               param="messages", code="context_length_exceeded")
+            raise ScalpelError(
+                f"the prompt has {n_prompt} tokens but the context holds {n_ctx}",
+                param="messages",
+                code="context_length_exceeded",
+            )
         room = n_ctx - n_prompt
         return room if max_tokens is None else min(max_tokens, room)
 
@@ -168,8 +182,15 @@ class Engine:
         add_bos = chat.needs_bos(text, add_bos=self.base.add_bos, bos_token=self.base.bos_token)
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    def generate(self, tokens: list[int], adapters: AdapterSet, params: GenerationParams, *,
-                 ticket: Ticket | None = None, cancelled: threading.Event | None = None) -> Iterator[Piece]:
+    def generate(
+        self,
+        tokens: list[int],
+        adapters: AdapterSet,
+        params: GenerationParams,
+        *,
+        ticket: Ticket | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Iterator[Piece]:
         """Decode token by token with llama.cpp's sampler, releasing text as it becomes final.
 
         Text that could still turn into a stop sequence is held back; the last Piece carries the
@@ -184,8 +205,9 @@ class Engine:
         except Cancelled:
             return
 
-    def _decode(self, prompt: list[int], params: GenerationParams, max_tokens: int,
-                cancelled: threading.Event | None) -> Iterator[Piece]:
+    def _decode(
+        self, prompt: list[int], params: GenerationParams, max_tokens: int, cancelled: threading.Event | None
+    ) -> Iterator[Piece]:
         llm = self.llm
         llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
         step_logits: list[np.ndarray] = []  # the logits of the step just sampled, nothing older
@@ -202,11 +224,18 @@ class Engine:
         pending: list[tuple[int, dict]] = []  # (end offset in text, logprob entry) not yet released
         finish, cut_at_stop = "length", False
         grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False) if params.json_object else None
-        generator = llm.generate(prompt, top_k=0, top_p=params.top_p, min_p=0.0, temp=params.temperature,
-                                 repeat_penalty=1.0, frequency_penalty=params.frequency_penalty,
-                                 presence_penalty=params.presence_penalty, grammar=grammar,
-                                 logits_processor=llama_cpp.LogitsProcessorList([keep_logits])
-                                 if params.logprobs else None)
+        generator = llm.generate(
+            prompt,
+            top_k=0,
+            top_p=params.top_p,
+            min_p=0.0,
+            temp=params.temperature,
+            repeat_penalty=1.0,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+            grammar=grammar,
+            logits_processor=llama_cpp.LogitsProcessorList([keep_logits]) if params.logprobs else None,
+        )
         try:
             for token in generator:
                 if llama_cpp.llama_token_is_eog(self._vocab, token):
@@ -216,10 +245,8 @@ class Engine:
                 completion.append(token)
                 text += decoder.decode(piece)
                 if params.logprobs:
-                    pending.append((len(text), self._logprob_entry(token, piece, step_logits[-1],
-                                                                   params.top_logprobs)))
-                cut = min((i for i in (text.find(s, max(released - holdback, 0)) for s in stops) if i >= 0),
-                          default=-1)
+                    pending.append((len(text), self._logprob_entry(token, piece, step_logits[-1], params.top_logprobs)))
+                cut = min((i for i in (text.find(s, max(released - holdback, 0)) for s in stops) if i >= 0), default=-1)
                 if cut >= 0:
                     text, finish, cut_at_stop = text[:cut], "stop", True
                     break
@@ -239,8 +266,11 @@ class Engine:
         last = self._release(text, released, len(text), pending)
         last.finish_reason = finish
         last.completion_ids = completion
-        last.usage = {"prompt_tokens": len(prompt), "completion_tokens": len(completion),
-                      "total_tokens": len(prompt) + len(completion)}
+        last.usage = {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": len(completion),
+            "total_tokens": len(prompt) + len(completion),
+        }
         yield last
 
     def score(self, tokens: list[int], adapters: AdapterSet) -> Scores:
@@ -263,7 +293,7 @@ class Engine:
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
             try:
                 for start in range(0, len(tokens), step):
-                    chunk = tokens[start:start + step]
+                    chunk = tokens[start : start + step]
                     batch = llama_cpp.llama_batch_init(len(chunk), 0, 1)
                     try:
                         batch.n_tokens = len(chunk)
@@ -271,8 +301,9 @@ class Engine:
                             batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + i, 1
                             batch.seq_id[i][0], batch.logits[i] = 0, True
                         if llama_cpp.llama_decode(ctx, batch) != 0:
-                            raise ScalpelError("llama.cpp could not evaluate the text", code="decode_failed",
-                                               status=500)
+                            raise ScalpelError(
+                                "llama.cpp could not evaluate the text", code="decode_failed", status=500
+                            )
                         for i in range(len(chunk)):
                             position = start + i
                             if position + 1 >= len(tokens):
@@ -291,18 +322,23 @@ class Engine:
     @staticmethod
     def _release(text: str, start: int, end: int, pending: list[tuple[int, dict]]) -> Piece:
         ready = [entry for offset, entry in pending if offset <= end]
-        del pending[:len(ready)]
+        del pending[: len(ready)]
         return Piece(text=text[start:end], logprobs=ready)
 
     def _logprob_entry(self, token: int, piece: bytes, logits: np.ndarray, top: int) -> dict:
         shifted = logits - logits.max()
         logprobs = shifted - np.log(np.exp(shifted).sum())
-        best = np.argsort(-logprobs)[:top] if top else []
+        best: list[int] = [int(t) for t in np.argsort(-logprobs)[:top]] if top else []
         top_pieces = [(int(t), self.llm.detokenize([int(t)])) for t in best]
-        return {"token": piece.decode("utf-8", errors="replace"), "logprob": float(logprobs[token]),
-                "bytes": list(piece),
-                "top_logprobs": [{"token": raw.decode("utf-8", errors="replace"), "logprob": float(logprobs[t]),
-                                  "bytes": list(raw)} for t, raw in top_pieces]}
+        return {
+            "token": piece.decode("utf-8", errors="replace"),
+            "logprob": float(logprobs[token]),
+            "bytes": list(piece),
+            "top_logprobs": [
+                {"token": raw.decode("utf-8", errors="replace"), "logprob": float(logprobs[t]), "bytes": list(raw)}
+                for t, raw in top_pieces
+            ],
+        }
 
     def close(self) -> None:
         self.queue.close()

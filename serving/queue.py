@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
-from scalpel.errors import ScalpelError
+from core.errors import ScalpelError
 
 
 class QueueFull(ScalpelError):
@@ -46,8 +46,10 @@ class FairQueue:
             if self._closed:
                 raise ShuttingDown("the server is shutting down", code="shutting_down")
             if len(self._line) > self.max_waiting:
-                raise QueueFull(f"{len(self._line) - 1} requests are already waiting (limit {self.max_waiting}); "
-                                "retry later", code="queue_full")
+                raise QueueFull(
+                    f"{len(self._line) - 1} requests are already waiting (limit {self.max_waiting}); retry later",
+                    code="queue_full",
+                )
             ticket = Ticket()
             self._line.append(ticket)
             return ticket

@@ -39,6 +39,7 @@ class ResponseFormat(BaseModel):
 
 class SamplingFields(BaseModel):
     """Fields /v1/chat/completions and /v1/completions share."""
+
     # Unknown OpenAI fields (user, metadata, store...) are accepted and ignored, as OpenAI-compatible
     # servers commonly do; fields that change the answer and that we cannot honour are refused.
     model_config = ConfigDict(extra="ignore")
@@ -54,6 +55,11 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     adapters: list[AdapterChoice] | None = Field(None, max_length=8)
+
+    @property
+    def stops(self) -> list[str] | None:
+        """`stop` as validated: always a list (a single string is wrapped)."""
+        return [self.stop] if isinstance(self.stop, str) else self.stop
 
     @field_validator("stop")
     @classmethod
@@ -87,6 +93,11 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
+
+    @property
+    def prompt_text(self) -> str:
+        """`prompt` as validated: one string (a one-element list is unwrapped)."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     @field_validator("prompt")
     @classmethod

@@ -1,36 +1,25 @@
-"""Server settings from flags, SCALPEL_* environment variables or a .env file (pydantic-settings)."""
+"""The serving stage's settings, each default written once: the engine's, and the HTTP app's."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from scalpel.model_store import DEFAULT_MODEL
+from pydantic import BaseModel, ConfigDict, Field
 
 
-class ServeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SCALPEL_", env_file=".env", extra="ignore")
+class EngineSettings(BaseModel):
+    """How the llama.cpp engine runs the base."""
 
-    model: str = DEFAULT_MODEL
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_keys: list[str] = Field(default_factory=list)
-    api_key_file: Path | None = None
+    model_config = ConfigDict(frozen=True, extra="forbid")
     n_ctx: int = Field(4096, ge=128)
-    threads: int | None = Field(None, ge=1)  # SCALPEL_THREADS; None: every usable physical core
-    n_gpu_layers: int = -1
+    threads: int | None = Field(None, ge=1)  # None: SCALPEL_THREADS, else every usable physical core
+    n_gpu_layers: int = -1  # all layers on Metal/CUDA builds; ignored by a CPU build
     use_mmap: bool = True
-    preload: list[str] = Field(default_factory=list)
-    max_waiting: int = Field(16, ge=0)
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    # /api/training/start without a dataset trains on this file (a path below SCALPEL_HOME or a file id)
-    training_data: str | None = None
-    max_concurrent_jobs: int = Field(1, ge=1)
+    max_waiting: int = Field(16, ge=0)  # requests that may wait for their turn; more get 429
 
-    def keys(self) -> set[str]:
-        keys = set(self.api_keys)
-        if self.api_key_file:
-            keys |= {line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()}
-        return keys
+
+class AppSettings(BaseModel):
+    """Who may call the HTTP app, and how much they may send."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    host: str = "127.0.0.1"  # where the server listens: beyond loopback, admin routes always need a key
+    api_keys: frozenset[str] = frozenset()
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)

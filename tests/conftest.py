@@ -21,4 +21,5 @@ def home(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     from tests.tiny_models import build_tiny_llama
+
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from scalpel.model_store import ModelEntry
-from scalpel.paths import enforce_offline
+from core.model_store import ModelEntry
+from core.paths import enforce_offline
 from training.dataset import TemplateInfo
 
 
@@ -39,9 +39,10 @@ def match_llama_cpp_spm(tokenizer):
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     pre = getattr(backend, "pre_tokenizer", None)
-    if isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first":
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="always",
-                                                         split=pre.split)
+    if backend is not None and isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first":
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=pre.replacement, prepend_scheme="always", split=pre.split
+        )
     return tokenizer
 
 
@@ -51,8 +52,7 @@ def load_model(entry: ModelEntry, dtype: torch.dtype = torch.float32):
     # Safetensors only and never remote code: a base folder cannot run code or unpickle objects.
     if entry.format == "hf":
         kwargs["use_safetensors"] = True
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False,
-                                                              **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False, **kwargs)
     if entry.format == "gguf":
         _detach_gguf_quantizer(model)
     return model
@@ -71,5 +71,6 @@ def _detach_gguf_quantizer(model) -> None:
 
 
 def template_info(entry: ModelEntry) -> TemplateInfo:
-    return TemplateInfo(chat_template=entry.chat_template, bos_token=entry.bos_token,
-                        eos_token=entry.eos_token, add_bos=entry.add_bos)
+    return TemplateInfo(
+        chat_template=entry.chat_template, bos_token=entry.bos_token, eos_token=entry.eos_token, add_bos=entry.add_bos
+    )

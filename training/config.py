@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from scalpel.atomic import read_json
-from scalpel.errors import ScalpelError
+from core.atomic import read_json
+from core.errors import ScalpelError
 
 # Modules a GGUF LoRA adapter can express for Llama-family bases (llama.cpp applies LoRA to these).
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -48,8 +48,9 @@ class TrainingSettings(Strict):
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(250, ge=1)
     eval_steps: int = Field(250, ge=1)
-    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial",
-                               "constant", "constant_with_warmup", "inverse_sqrt"] = "cosine"
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 42
     # Not in the plan's file; defaults keep its behaviour. "auto": bf16 on CUDA GPUs that have it, fp16 on
@@ -86,8 +87,11 @@ def parse_config(data: object, source: str = "config") -> TrainConfig:
     except ValidationError as exc:
         problems = [f"{_where(e['loc'])}: {e['msg']}" for e in exc.errors()]
         first = exc.errors()[0]
-        raise ScalpelError(f"invalid training config {source}: " + "; ".join(problems),
-                           param=_where(first["loc"]), code="invalid_config") from exc
+        raise ScalpelError(
+            f"invalid training config {source}: " + "; ".join(problems),
+            param=_where(first["loc"]),
+            code="invalid_config",
+        ) from exc
 
 
 def load_config(path: Path) -> TrainConfig:

@@ -1,4 +1,4 @@
-"""Dataset QA before training: bad encodings, empty answers, duplicates, conflicts, overlong examples, concept balance."""
+"""Dataset QA before training: encodings, empty answers, duplicates, conflicts, length, concept balance."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ _MOJIBAKE_CODECS = ("cp1252", "mac_roman", "latin-1")  # UTF-8 bytes wrongly dec
 
 class QualityRules(BaseModel):
     """The plan's quality metrics as thresholds; `strict` turns every warning into an error."""
+
     model_config = ConfigDict(extra="forbid")
     min_examples: int = Field(100, ge=0)
     min_avg_answer_words: float = Field(150, ge=0)
@@ -29,9 +30,9 @@ class QualityRules(BaseModel):
 
 @dataclass
 class Finding:
-    level: str   # "error" or "warning"
+    level: str  # "error" or "warning"
     code: str
-    where: str   # file:line or file[index]
+    where: str  # file:line or file[index]
     message: str
 
 
@@ -51,13 +52,20 @@ class QualityReport:
         return [f for f in self.findings if f.level == "warning"]
 
     def as_dict(self) -> dict:
-        return {"examples": self.examples, "concepts": self.concepts, "avg_answer_words": self.avg_answer_words,
-                "errors": len(self.errors), "warnings": len(self.warnings),
-                "findings": [asdict(f) for f in self.findings]}
+        return {
+            "examples": self.examples,
+            "concepts": self.concepts,
+            "avg_answer_words": self.avg_answer_words,
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "findings": [asdict(f) for f in self.findings],
+        }
 
     def as_text(self) -> str:
-        lines = [f"{self.examples} examples, {len(self.concepts)} concepts, "
-                 f"{self.avg_answer_words:.0f} words per answer on average"]
+        lines = [
+            f"{self.examples} examples, {len(self.concepts)} concepts, "
+            f"{self.avg_answer_words:.0f} words per answer on average"
+        ]
         for concept, n in sorted(self.concepts.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"  {concept:40} {n:5}")
         for f in self.findings:
@@ -93,8 +101,12 @@ def _answer(example: Example) -> str:
     return "\n".join(m["content"] for m in example.messages if m["role"] == "assistant")
 
 
-def check(examples: list[Example], rules: QualityRules = QualityRules(),
-          token_counts: list[int] | None = None, max_seq_length: int | None = None) -> QualityReport:
+def check(
+    examples: list[Example],
+    rules: QualityRules = QualityRules(),
+    token_counts: list[int] | None = None,
+    max_seq_length: int | None = None,
+) -> QualityReport:
     warn = "error" if rules.strict else "warning"
     findings: list[Finding] = []
     concepts: dict[str, int] = defaultdict(int)
@@ -108,9 +120,15 @@ def check(examples: list[Example], rules: QualityRules = QualityRules(),
             findings.append(Finding("error", "empty_answer", ex.where, "the answer is empty or whitespace"))
         for message in ex.messages:
             if (bad := mojibake(message["content"])) is not None:
-                findings.append(Finding(warn, "mojibake", ex.where,
-                                        f"{message['role']} text has {bad[0]!r}, which looks like UTF-8 decoded "
-                                        f"with the wrong codec (probably {bad[1]!r})"))
+                findings.append(
+                    Finding(
+                        warn,
+                        "mojibake",
+                        ex.where,
+                        f"{message['role']} text has {bad[0]!r}, which looks like UTF-8 decoded "
+                        f"with the wrong codec (probably {bad[1]!r})",
+                    )
+                )
                 break
         by_prompt[_normalise(_prompt(ex))].append((ex, _normalise(answer)))
 
@@ -120,39 +138,72 @@ def check(examples: list[Example], rules: QualityRules = QualityRules(),
             if answer == first_answer:
                 findings.append(Finding(warn, "duplicate", ex.where, f"repeats {first.where}"))
             else:
-                findings.append(Finding(warn, "conflicting_answers", ex.where,
-                                        f"asks what {first.where} asks, but answers differently"))
+                findings.append(
+                    Finding(
+                        warn, "conflicting_answers", ex.where, f"asks what {first.where} asks, but answers differently"
+                    )
+                )
 
     prompts = list(by_prompt)
     if len(prompts) <= rules.near_duplicate_limit:
         for i, a in enumerate(prompts):
-            for b in prompts[i + 1:]:
+            for b in prompts[i + 1 :]:
                 if abs(len(a) - len(b)) > (1 - rules.near_duplicate_ratio) * max(len(a), len(b)):
                     continue
                 if SequenceMatcher(None, a, b).ratio() >= rules.near_duplicate_ratio:
-                    findings.append(Finding(warn, "near_duplicate", by_prompt[b][0][0].where,
-                                            f"is nearly the same question as {by_prompt[a][0][0].where}"))
+                    findings.append(
+                        Finding(
+                            warn,
+                            "near_duplicate",
+                            by_prompt[b][0][0].where,
+                            f"is nearly the same question as {by_prompt[a][0][0].where}",
+                        )
+                    )
 
     if token_counts is not None and max_seq_length:
-        for ex, n in zip(examples, token_counts):
+        for ex, n in zip(examples, token_counts, strict=False):
             if n > max_seq_length:
-                findings.append(Finding(warn, "too_long", ex.where, f"{n} tokens, over max_seq_length="
-                                        f"{max_seq_length}: the last {n - max_seq_length} are truncated"))
+                findings.append(
+                    Finding(
+                        warn,
+                        "too_long",
+                        ex.where,
+                        f"{n} tokens, over max_seq_length="
+                        f"{max_seq_length}: the last {n - max_seq_length} are truncated",
+                    )
+                )
 
     avg_words = sum(words) / len(words) if words else 0.0
     if len(examples) < rules.min_examples:
-        findings.append(Finding(warn, "few_examples", "dataset", f"{len(examples)} examples; the plan asks for "
-                                f"at least {rules.min_examples}"))
+        findings.append(
+            Finding(
+                warn,
+                "few_examples",
+                "dataset",
+                f"{len(examples)} examples; the plan asks for at least {rules.min_examples}",
+            )
+        )
     if avg_words < rules.min_avg_answer_words:
-        findings.append(Finding(warn, "short_answers", "dataset", f"answers average {avg_words:.0f} words; the "
-                                f"plan asks for {rules.min_avg_answer_words:g}+"))
+        findings.append(
+            Finding(
+                warn,
+                "short_answers",
+                "dataset",
+                f"answers average {avg_words:.0f} words; the plan asks for {rules.min_avg_answer_words:g}+",
+            )
+        )
     if len(concepts) > 1:
         largest, smallest = max(concepts.values()), min(concepts.values())
         if largest > rules.max_concept_imbalance * smallest:
-            small = min(concepts, key=concepts.get)
-            big = max(concepts, key=concepts.get)
-            findings.append(Finding(warn, "concept_imbalance", "dataset",
-                                    f"concept {big!r} has {largest} examples but {small!r} only {smallest} "
-                                    f"(more than {rules.max_concept_imbalance:g}x)"))
-    return QualityReport(examples=len(examples), concepts=dict(concepts), avg_answer_words=avg_words,
-                         findings=findings)
+            small = min(concepts, key=lambda c: concepts[c])
+            big = max(concepts, key=lambda c: concepts[c])
+            findings.append(
+                Finding(
+                    warn,
+                    "concept_imbalance",
+                    "dataset",
+                    f"concept {big!r} has {largest} examples but {small!r} only {smallest} "
+                    f"(more than {rules.max_concept_imbalance:g}x)",
+                )
+            )
+    return QualityReport(examples=len(examples), concepts=dict(concepts), avg_answer_words=avg_words, findings=findings)

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 class ReportInputs:
     adapter: str
     base: str
-    history: list[dict]        # the HF Trainer's log_history
+    history: list[dict]  # the HF Trainer's log_history
     config: dict
     dataset_sha256: str
     examples: int
@@ -24,9 +24,9 @@ class ReportInputs:
     seconds: float
     peak_rss_mb: float
     adapter_mb: float
-    nuclear_mb: float | None   # the plan's r=32 / 7-module adapter on the same base, f32
+    nuclear_mb: float | None  # the plan's r=32 / 7-module adapter on the same base, f32
     concept_loss: dict[str, float]
-    concept_loss_on: str       # "eval data" or "training data"
+    concept_loss_on: str  # "eval data" or "training data"
 
 
 def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -67,7 +67,7 @@ def plot_lr(history: list[dict], out: Path) -> Path:
 
 
 def plot_concepts(concept_loss: dict[str, float], on: str, out: Path) -> Path:
-    names = sorted(concept_loss, key=concept_loss.get)
+    names = sorted(concept_loss, key=lambda n: concept_loss[n])
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
     ax.barh(names, [concept_loss[n] for n in names], color="tab:purple")
     ax.set_xlabel(f"loss on answer tokens ({on}, after training)")
@@ -88,15 +88,18 @@ def write_report(inputs: ReportInputs, folder: Path) -> Path:
     _, losses = _series(inputs.history, "loss")
     size_line = f"{inputs.adapter_mb:.2f} MB (GGUF)"
     if inputs.nuclear_mb:
-        size_line += (f" against {inputs.nuclear_mb:.1f} MB for the plan's nuclear adapter (r=32, 7 modules) "
-                      f"on the same base: {inputs.nuclear_mb / inputs.adapter_mb:.1f}x smaller")
+        size_line += (
+            f" against {inputs.nuclear_mb:.1f} MB for the plan's nuclear adapter (r=32, 7 modules) "
+            f"on the same base: {inputs.nuclear_mb / inputs.adapter_mb:.1f}x smaller"
+        )
+    tokens_per_second = inputs.tokens * inputs.config["training_config"]["num_epochs"] / max(inputs.seconds, 1e-9)
     lines = [
         f"# Training report: {inputs.adapter}",
         "",
         f"- base: {inputs.base}",
         f"- examples: {inputs.examples}, tokens per epoch: {inputs.tokens}",
         f"- loss: {losses[0]:.3f} at the first logged step, {losses[-1]:.3f} at the last" if losses else "- loss: -",
-        f"- wall time: {inputs.seconds:.0f} s, {inputs.tokens * inputs.config['training_config']['num_epochs'] / max(inputs.seconds, 1e-9):.0f} tokens/s",
+        f"- wall time: {inputs.seconds:.0f} s, {tokens_per_second:.0f} tokens/s",
         f"- peak memory (RSS): {inputs.peak_rss_mb:.0f} MB",
         f"- adapter size: {size_line}",
         f"- dataset sha256: {inputs.dataset_sha256}",

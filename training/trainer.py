@@ -8,6 +8,7 @@ import math
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,14 +19,15 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback, Tra
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
-from scalpel.errors import ScalpelError
-from scalpel.model_store import ModelEntry
+from core.errors import ScalpelError
+from core.model_store import ModelEntry
 from training.base_model import load_model, load_tokenizer, template_info
 from training.config import TrainConfig
 from training.dataset import IGNORE_INDEX, Example, tokenize_example
 
 log = logging.getLogger("scalpel.training")
 CHECKPOINTS = "checkpoints"  # below the work folder: the Trainer's checkpoint-<step> folders
+
 
 class TokenizedDataset(torch.utils.data.Dataset):
     def __init__(self, rows: list[dict]):
@@ -45,6 +47,7 @@ class TokenizedDataset(torch.utils.data.Dataset):
 @dataclass
 class PadCollator:
     """Right-pad a batch; padding is masked out of attention and of the loss."""
+
     pad_token_id: int
 
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
@@ -71,7 +74,8 @@ def pack_collator() -> transformers.DataCollatorWithFlattening:
 class DistillMask:
     """Wraps a collator: adds `distill`, True on every token of the examples learned by distillation, laid
     out as the wrapped collator lays out the tokens (one packed row, or one padded row per example)."""
-    collate: object
+
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
 
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         out = self.collate([{"input_ids": b["input_ids"], "labels": b["labels"]} for b in batch])
@@ -93,6 +97,7 @@ PACKED_ROW_TOKENS = 512
 class Batching:
     """How examples become forward passes: `micro` examples per pass, `accumulate` passes per optimizer step,
     either packed end to end in one row or padded (and then grouped by length, so little is padded)."""
+
     micro: int
     accumulate: int
     packed: bool
@@ -144,10 +149,14 @@ class AnswerLogitsTrainer(transformers.Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        assert isinstance(dataset, TokenizedDataset)  # the only dataset this trainer is given
         if not self.group_by_length or self.args.per_device_train_batch_size == 1:
             return super()._get_train_sampler(train_dataset)
-        return SeededLengthGroups(self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps,
-                                  [len(row["input_ids"]) for row in dataset.rows], self.args.data_seed or self.args.seed)
+        return SeededLengthGroups(
+            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps,
+            [len(row["input_ids"]) for row in dataset.rows],
+            self.args.data_seed or self.args.seed,
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -162,9 +171,12 @@ class AnswerLogitsTrainer(transformers.Trainer):
         distilled = (distill[:, 1:][:, keep] & (targets != IGNORE_INDEX)) if distill is not None else None
         if distilled is not None:
             targets = targets.masked_fill(distilled, IGNORE_INDEX)
-        total = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                  targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                                                  reduction="sum")
+        total = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
         if distilled is not None and distilled.any():
             total = total + self.distill_weight * self._kl_to_base(model, model_inputs, keep, logits, distilled)
         # Over the whole accumulated step when the Trainer counted it (then it is not rescaled), else this batch.
@@ -232,8 +244,9 @@ class ConceptLossOnEval(TrainerCallback):
         self.rows, self.collate = rows, collate
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        state.log_history.append({"step": state.global_step,
-                                  "eval_concept_loss": concept_losses(model, self.rows, self.collate)})
+        state.log_history.append(
+            {"step": state.global_step, "eval_concept_loss": concept_losses(model, self.rows, self.collate)}
+        )
 
 
 @dataclass
@@ -251,9 +264,16 @@ class TrainResult:
 
 def lora_config(config: TrainConfig) -> LoraConfig:
     lc = config.lora_config
-    return LoraConfig(r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout,
-                      target_modules=list(lc.target_modules), bias=lc.bias, task_type=lc.task_type,
-                      use_rslora=lc.use_rslora)
+    # PEFT annotates lora_alpha as int but scales by it as a number; the plan's config may give 16.0
+    return LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.lora_alpha,  # type: ignore[arg-type]
+        lora_dropout=lc.lora_dropout,
+        target_modules=list(lc.target_modules),
+        bias=lc.bias,
+        task_type=lc.task_type,
+        use_rslora=lc.use_rslora,
+    )
 
 
 def choose_precision(requested: str) -> str:
@@ -265,8 +285,15 @@ def choose_precision(requested: str) -> str:
     return "fp32"
 
 
-def training_arguments(config: TrainConfig, work_dir: Path, *, has_eval: bool, max_steps: int | None = None,
-                       progress: bool = True, batching: Batching | None = None) -> transformers.TrainingArguments:
+def training_arguments(
+    config: TrainConfig,
+    work_dir: Path,
+    *,
+    has_eval: bool,
+    max_steps: int | None = None,
+    progress: bool = True,
+    batching: Batching | None = None,
+) -> transformers.TrainingArguments:
     """Every field of the plan's training_config, mapped onto the HF Trainer's arguments.
 
     `batching` (from micro_batching) sets the micro-batches; without it they are the config's own.
@@ -313,8 +340,12 @@ def _checkpointing(enabled: bool) -> dict:
     if not enabled:
         return {}
     import inspect
-    name = ("activation_checkpointing" if "activation_checkpointing" in
-            inspect.signature(transformers.TrainingArguments).parameters else "gradient_checkpointing")
+
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in inspect.signature(transformers.TrainingArguments).parameters
+        else "gradient_checkpointing"
+    )
     # PEFT freezes the embeddings, so checkpointed blocks need inputs that require grad.
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
@@ -328,16 +359,25 @@ def _tokenize_all(examples: list[Example], tokenizer, entry: ModelEntry, max_len
         except ScalpelError as exc:
             raise ScalpelError(f"{ex.where}: {exc.message}", param=ex.where, code=exc.code) from exc
         if not any(label != IGNORE_INDEX for label in row["labels"]):
-            raise ScalpelError(f"{ex.where}: the prompt alone fills max_seq_length={max_length} tokens "
-                               f"({row['n_tokens']} in all), so nothing of the answer is left to learn",
-                               param=ex.where, code="example_too_long")
+            raise ScalpelError(
+                f"{ex.where}: the prompt alone fills max_seq_length={max_length} tokens "
+                f"({row['n_tokens']} in all), so nothing of the answer is left to learn",
+                param=ex.where,
+                code="example_too_long",
+            )
         rows.append(row)
     truncated = [r for r in rows if r["truncated"]]
     if truncated:
-        shown = ", ".join(f"{ex.where} ({r['n_tokens']} tokens)" for ex, r in zip(examples, rows)
-                          if r["truncated"])
-        log.warning("%d of %d examples are longer than max_seq_length=%d and were cut to it: %s",
-                    len(truncated), len(rows), max_length, shown[:2000])
+        shown = ", ".join(
+            f"{ex.where} ({r['n_tokens']} tokens)" for ex, r in zip(examples, rows, strict=True) if r["truncated"]
+        )
+        log.warning(
+            "%d of %d examples are longer than max_seq_length=%d and were cut to it: %s",
+            len(truncated),
+            len(rows),
+            max_length,
+            shown[:2000],
+        )
     return rows
 
 
@@ -348,10 +388,20 @@ def last_checkpoint(work_dir: Path) -> Path | None:
     return Path(found) if found else None
 
 
-def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_dir: Path, work_dir: Path, *,
-          eval_examples: list[Example] | None = None, max_steps: int | None = None,
-          progress: bool = True, resume: bool = False, callbacks: tuple[TrainerCallback, ...] = (),
-          init_adapter: Path | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    entry: ModelEntry,
+    examples: list[Example],
+    out_dir: Path,
+    work_dir: Path,
+    *,
+    eval_examples: list[Example] | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    callbacks: tuple[TrainerCallback, ...] = (),
+    init_adapter: Path | None = None,
+) -> TrainResult:
     """Train, then save the PEFT adapter (safetensors) and the Trainer's log into `out_dir`.
 
     With `resume`, a checkpoint left in `work_dir` by a killed run is continued: the step, the optimizer
@@ -380,14 +430,18 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
     else:
         model = get_peft_model(base_model, lora_config(config))
     batching = micro_batching(config.training_config, max(len(r["input_ids"]) for r in rows))
-    args = training_arguments(config, work_dir, has_eval=bool(eval_rows), max_steps=max_steps,
-                              progress=progress, batching=batching)
+    args = training_arguments(
+        config, work_dir, has_eval=bool(eval_rows), max_steps=max_steps, progress=progress, batching=batching
+    )
     collate = PadCollator(tokenizer.pad_token_id)
     train_collate = pack_collator() if batching.packed else collate
     trainer = AnswerLogitsTrainer(
-        model=model, args=args, train_dataset=TokenizedDataset(rows),
+        model=model,
+        args=args,
+        train_dataset=TokenizedDataset(rows),
         eval_dataset=TokenizedDataset(eval_rows) if eval_rows else None,
-        data_collator=DistillMask(train_collate) if distill else train_collate)
+        data_collator=DistillMask(train_collate) if distill else train_collate,
+    )
     trainer.distill_weight = config.training_config.distill_weight
     trainer.group_by_length = config.training_config.group_by_length and not batching.packed
     if eval_rows:
@@ -411,13 +465,24 @@ def train(config: TrainConfig, entry: ModelEntry, examples: list[Example], out_d
     history = trainer.state.log_history
     (out_dir / "trainer_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     losses = [h["loss"] for h in history if "loss" in h]
-    metrics = dict(output.metrics)
-    metrics.update(final_loss=losses[-1] if losses else math.nan, global_step=trainer.state.global_step,
-                   device=str(args.device), precision=choose_precision(config.training_config.precision))
+    metrics: dict[str, object] = dict(output.metrics)
+    metrics.update(
+        final_loss=losses[-1] if losses else math.nan,
+        global_step=trainer.state.global_step,
+        device=str(args.device),
+        precision=choose_precision(config.training_config.precision),
+    )
     concepts: dict[str, int] = {}
     for ex in examples:  # as given, before any balancing
         concepts[ex.concept] = concepts.get(ex.concept, 0) + 1
-    return TrainResult(adapter_dir=out_dir, log_history=history, metrics=metrics, n_examples=len(examples),
-                       n_tokens=sum(len(r["input_ids"]) for r in rows),
-                       n_truncated=sum(r["truncated"] for r in rows), seconds=time.time() - started,
-                       concepts=concepts, concept_loss=final_concept_loss)
+    return TrainResult(
+        adapter_dir=out_dir,
+        log_history=history,
+        metrics=metrics,
+        n_examples=len(examples),
+        n_tokens=sum(len(r["input_ids"]) for r in rows),
+        n_truncated=sum(r["truncated"] for r in rows),
+        seconds=time.time() - started,
+        concepts=concepts,
+        concept_loss=final_concept_loss,
+    )

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from conversion.architecture import layout_for
 from conversion.hf_to_gguf import convert_base
 from conversion.lora_to_gguf import convert_lora
-from scalpel.errors import ScalpelError
+from core.errors import ScalpelError
 from tests.tiny_models import build_tiny_llama
 
 
@@ -43,9 +43,9 @@ def test_metadata_and_tensor_names(tiny_llama, base_gguf, tmp_path):
     assert fields["adapter.lora.alpha"] == pytest.approx(8.0)
     assert fields["general.architecture"] == "llama"
     names = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
-    assert names["blk.0.attn_q.weight.lora_a"] == (64, 4)    # ne: [in, r]
-    assert names["blk.0.attn_q.weight.lora_b"] == (4, 64)    # ne: [r, out]
-    assert names["blk.1.attn_k.weight.lora_b"] == (4, 32)    # 2 kv heads x 16
+    assert names["blk.0.attn_q.weight.lora_a"] == (64, 4)  # ne: [in, r]
+    assert names["blk.0.attn_q.weight.lora_b"] == (4, 64)  # ne: [r, out]
+    assert names["blk.1.attn_k.weight.lora_b"] == (4, 32)  # 2 kv heads x 16
     assert len(names) == 2 * 3 * 2 and result.n_modules == 6
 
 
@@ -65,16 +65,19 @@ def test_hf_base_and_gguf_base_give_the_same_adapter(tiny_llama, base_gguf, tmp_
     convert_lora(adapter, layout_for(base_gguf), tmp_path / "from-gguf.gguf")
     convert_lora(adapter, layout_for(tiny_llama), tmp_path / "from-hf.gguf")
     a, b = gguf.GGUFReader(tmp_path / "from-gguf.gguf"), gguf.GGUFReader(tmp_path / "from-hf.gguf")
-    for ta, tb in zip(a.tensors, b.tensors):
+    for ta, tb in zip(a.tensors, b.tensors, strict=False):
         assert ta.name == tb.name and np.array_equal(ta.data, tb.data)
 
 
-@pytest.mark.parametrize("lora_kwargs, message", [
-    ({"use_dora": True}, "DoRA"),
-    ({"target_modules": ["embed_tokens"]}, "embeddings"),
-    ({"target_modules": ["q_proj", "lm_head"]}, "lm_head"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-])
+@pytest.mark.parametrize(
+    "lora_kwargs, message",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"target_modules": ["embed_tokens"]}, "embeddings"),
+        ({"target_modules": ["q_proj", "lm_head"]}, "lm_head"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ],
+)
 def test_inexpressible_adapters_are_refused(tiny_llama, base_gguf, tmp_path, lora_kwargs, message):
     adapter = save_adapter(tiny_llama, tmp_path / "peft", **lora_kwargs)
     with pytest.raises(ScalpelError, match=message):

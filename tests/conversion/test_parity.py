@@ -8,9 +8,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from conversion import verify
 from conversion.architecture import layout_for
 from conversion.hf_to_gguf import convert_base
-from conversion import verify
 from conversion.lora_to_gguf import convert_lora
 
 N_TOKENS = 32
@@ -50,9 +50,17 @@ def test_base_logits_match(tiny_llama, converted, prompt):
 def test_adapter_logits_match(tiny_llama, converted, prompt, tmp_path, use_rslora):
     torch.manual_seed(3)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"],
-                                                 init_lora_weights=False, use_rslora=use_rslora,
-                                                 lora_dropout=0.0))
+    peft_model = get_peft_model(
+        base,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "k_proj", "v_proj"],
+            init_lora_weights=False,
+            use_rslora=use_rslora,
+            lora_dropout=0.0,
+        ),
+    )
     peft_model.save_pretrained(tmp_path / "peft")
     expected = torch_logits(peft_model, prompt)
     without = torch_logits(AutoModelForCausalLM.from_pretrained(tiny_llama), prompt)
@@ -65,8 +73,13 @@ def test_adapter_logits_match(tiny_llama, converted, prompt, tmp_path, use_rslor
 
 
 SCALED_ROPE = {
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
     "linear": {"rope_type": "linear", "factor": 4.0},
 }
 
@@ -75,6 +88,7 @@ SCALED_ROPE = {
 def test_scaled_rope_logits_match(tmp_path, prompt, kind):
     """Llama 3.1's rope scaling (the rope_freqs tensor) and linear scaling reach llama.cpp intact."""
     from tests.tiny_models import build_tiny_llama
+
     scaled = build_tiny_llama(tmp_path / "scaled", rope=SCALED_ROPE[kind])
     plain = build_tiny_llama(tmp_path / "plain")
     out = tmp_path / "scaled.gguf"

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conversion.hf_to_gguf import convert_base
 from conversion.verify import verify
-from scalpel.gguf_meta import read_gguf
+from core.gguf_meta import read_gguf
 from tests.tiny_models import build_tiny_qwen2
 
 
@@ -21,9 +21,10 @@ def test_qwen2_base_and_adapter_match(tmp_path):
     assert verify(AutoModelForCausalLM.from_pretrained(folder), tokenizer, out).max_abs <= 1e-3
 
     torch.manual_seed(0)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
-                                           init_lora_weights=False))
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(folder),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False),
+    )
     peft_model.save_pretrained(tmp_path / "peft")
     report = verify(AutoModelForCausalLM.from_pretrained(folder), tokenizer, out, peft_dir=tmp_path / "peft")
     assert report.adapter and report.passed and report.max_abs <= 1e-3

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conversion.hf_to_gguf import convert_base
 from conversion.verify import verify
-from scalpel.gguf_meta import read_gguf
+from core.gguf_meta import read_gguf
 from tests.conversion.test_tokenizer import TRICKY, llama_tokens
 from tests.tiny_models import build_tiny_spm_llama
 from training.base_model import match_llama_cpp_spm
@@ -41,8 +41,9 @@ def _tokenizer(folder):
     return match_llama_cpp_spm(AutoTokenizer.from_pretrained(folder))
 
 
-@pytest.mark.parametrize("text", [t for t in TRICKY if "<|" not in t] + ["<extra_3>", "a<extra_15>b",
-                                                                       "<extra_1><extra_2>x", "x<extra_1>"])
+@pytest.mark.parametrize(
+    "text", [t for t in TRICKY if "<|" not in t] + ["<extra_3>", "a<extra_15>b", "<extra_1><extra_2>x", "x<extra_1>"]
+)
 def test_tokenization_is_identical(spm_model, text):
     folder, gguf_path = spm_model
     assert llama_tokens(gguf_path, text) == _tokenizer(folder)(text, add_special_tokens=False)["input_ids"]

@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conversion.hf_to_gguf import bpe_pre_type, convert_base
-from scalpel.errors import ScalpelError
+from core.errors import ScalpelError
 
 TRICKY = [
     "def add(a, b):\n    return a + b  # sum\n",
@@ -42,8 +42,9 @@ def test_bpe_tokenization_is_identical(tiny_llama, tiny_gguf, text):
 
 @pytest.mark.e2e
 def test_default_model_tokenization_is_identical(home):
-    from scalpel import model_store
+    from core import model_store
     from training.base_model import load_tokenizer
+
     entry = model_store.ensure_default()
     hf = load_tokenizer(entry)
     for text in TRICKY:
@@ -52,7 +53,17 @@ def test_default_model_tokenization_is_identical(home):
 
 def test_pre_tokenizers_are_named_or_refused():
     assert bpe_pre_type({"type": "ByteLevel", "use_regex": True}) == "gpt-2"
-    assert bpe_pre_type({"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}) == "smollm"
+    assert (
+        bpe_pre_type(
+            {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Digits", "individual_digits": True},
+                    {"type": "ByteLevel", "use_regex": True},
+                ],
+            }
+        )
+        == "smollm"
+    )
     with pytest.raises(ScalpelError, match="pre-tokenizer"):
         bpe_pre_type({"type": "Whitespace"})

@@ -13,9 +13,9 @@ from conversion.estimate import NUCLEAR, load_profile, lora_size
 from conversion.hf_to_gguf import convert_base, convert_to
 from conversion.inspect_gguf import check_adapter
 from conversion.verify import verify
-from scalpel.cli import main
-from scalpel.errors import ScalpelError
-from scalpel.gguf_meta import read_gguf
+from core.errors import ScalpelError
+from core.gguf_meta import read_gguf
+from scalpel.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,7 @@ def test_k_quant_goes_through_llama_cpp(tiny_llama, tmp_path):
 def test_verify_fails_when_the_gguf_is_wrong(tiny_llama, tmp_path):
     other = tmp_path / "other"
     from tests.tiny_models import build_tiny_llama
+
     build_tiny_llama(other, seed=99)
     convert_base(other, tmp_path / "other.gguf", outtype="f32", progress=False)
     assert not verify(*hf(tiny_llama), tmp_path / "other.gguf").passed
@@ -98,10 +99,13 @@ def test_corrupt_gguf_is_refused_before_llama_cpp(f32_gguf, tmp_path, damage):
 def test_inspect_reports_and_checks_compatibility(tiny_llama, f32_gguf, tmp_path, capsys):
     import torch
     from peft import LoraConfig, get_peft_model
+
     from conversion.lora_to_gguf import convert_lora
+
     torch.manual_seed(0)
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
-                   LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "peft")
+    get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    ).save_pretrained(tmp_path / "peft")
     adapter = tmp_path / "a.gguf"
     convert_lora(tmp_path / "peft", layout_for(f32_gguf), adapter)
     assert check_adapter(read_gguf(adapter), layout_for(f32_gguf)).compatible
@@ -110,6 +114,7 @@ def test_inspect_reports_and_checks_compatibility(tiny_llama, f32_gguf, tmp_path
     assert "adapter" in out and "blk.0.attn_q.weight.lora_a" in out and "compatible" in out
 
     from tests.tiny_models import build_tiny_llama
+
     other = build_tiny_llama(tmp_path / "other", hidden=32, n_head=2, n_head_kv=1)
     result = check_adapter(read_gguf(adapter), layout_for(other))
     assert not result.compatible and any("do not fit" in p for p in result.problems)
@@ -136,8 +141,9 @@ def test_estimate_cli_json(capsys):
 def test_default_model_round_trip_verifies(home, tmp_path):
     """The embedded SmolLM2, dequantized to an HF folder, converted back: f32 exact, q8_0 top-1 >= 98%, and
     q8_0 passes the base-agreement gate."""
-    from scalpel import model_store
+    from core import model_store
     from training.base_model import load_model, load_tokenizer
+
     entry = model_store.ensure_default()
     model, tokenizer = load_model(entry), load_tokenizer(entry)
     folder = tmp_path / "smollm2-hf"
@@ -152,6 +158,7 @@ def test_default_model_round_trip_verifies(home, tmp_path):
     # would call damage to the base, flips some near-ties but none of the base's decided picks.
     from scalpel import evaluate
     from serving.engine import Engine
+
     engine = Engine(entry)
     try:
         reference = evaluate.base_reference(engine)

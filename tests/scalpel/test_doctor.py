@@ -7,7 +7,7 @@ import signal
 import sys
 
 from scalpel import doctor
-from scalpel.cli import main
+from scalpel.cli.main import main
 
 AMX_BUILD = "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 | "
 

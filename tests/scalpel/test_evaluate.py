@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from scalpel import adapter_store, evaluate, model_store
-from scalpel.cli import main
-from scalpel.errors import ScalpelError
-from scalpel.pipeline import train_and_publish
+from core import adapter_store, model_store
+from core.errors import ScalpelError
+from scalpel import evaluate
+from scalpel.cli.main import main
+from scalpel.publish import train_and_publish
 from serving.engine import Engine
 from tests.tiny_models import registered_home
 from training.config import parse_config
@@ -22,9 +23,13 @@ FACTS = [{"instruction": "What does 42 mean?", "output": "FOR TWO FOR TWO FOR TW
 def engine_and_adapter(tiny_llama, tmp_path_factory):
     with registered_home(tmp_path_factory.mktemp("eval-home"), tiny_llama) as home:
         (home / "facts.json").write_text(json.dumps(FACTS))
-        config = parse_config({"model_name": "tiny", "output_dir": "adapters/fortwo",
-                               "training_config": {"num_epochs": 8, "batch_size": 4, "learning_rate": 5e-2,
-                                                   "save_steps": 1000}})
+        config = parse_config(
+            {
+                "model_name": "tiny",
+                "output_dir": "adapters/fortwo",
+                "training_config": {"num_epochs": 8, "batch_size": 4, "learning_rate": 5e-2, "save_steps": 1000},
+            }
+        )
         train_and_publish(config, home / "facts.json", progress=False)
         engine = Engine(model_store.get("tiny"))
         version = adapter_store.resolve("fortwo")
@@ -62,8 +67,10 @@ def test_score_agrees_with_what_generation_picks(engine_and_adapter):
 
 def test_adapter_is_scored_as_served(engine_and_adapter, tmp_path):
     home, engine, adapters = engine_and_adapter
-    suite = [evaluate.EvalItem(question="What does 42 mean?", concept="42", required=["FOR TWO"]),
-             evaluate.EvalItem(question="What does 42 mean?", concept="never", required=["never 2 1"])]
+    suite = [
+        evaluate.EvalItem(question="What does 42 mean?", concept="42", required=["FOR TWO"]),
+        evaluate.EvalItem(question="What does 42 mean?", concept="never", required=["never 2 1"]),
+    ]
     report = evaluate.evaluate(engine, adapters, {"facts": suite}, "fortwo@v1")
     facts = report.suites[0]
     assert facts.per_concept == {"42": 1.0, "never": 0.0} and facts.accuracy == 0.5

@@ -7,11 +7,11 @@ import json
 import httpx
 import pytest
 
-from scalpel import adapter_store, model_store
-from scalpel.cli import main
+from core import adapter_store, model_store
+from core.errors import ConflictError, NotFoundError
+from scalpel.cli.main import main
 from scalpel.demo import BackgroundServer
-from scalpel.errors import ConflictError, NotFoundError
-from scalpel.pipeline import train_and_publish
+from scalpel.publish import train_and_publish
 from serving.app import create_app
 from serving.engine import Engine
 from tests.tiny_models import registered_home
@@ -21,9 +21,12 @@ FACTS = [{"instruction": f"What is fact {i}?", "output": f"Fact {i} is FOR TWO."
 
 
 def config(lr: float) -> dict:
-    return {"model_name": "tiny", "output_dir": "adapters/reg",
-            "lora_config": {"r": 4, "lora_alpha": 8},
-            "training_config": {"num_epochs": 2, "batch_size": 2, "learning_rate": lr, "save_steps": 1000}}
+    return {
+        "model_name": "tiny",
+        "output_dir": "adapters/reg",
+        "lora_config": {"r": 4, "lora_alpha": 8},
+        "training_config": {"num_epochs": 2, "batch_size": 2, "learning_rate": lr, "save_steps": 1000},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +110,11 @@ def served(three_versions):
 
 def answer(server, question: str) -> str:
     """The live version's greedy answer, through the server."""
-    r = httpx.post(f"{server.base_url}/chat/completions", timeout=60,
-                   json={"model": "reg", "max_tokens": 8, "temperature": 0,
-                         "messages": [{"role": "user", "content": question}]})
+    r = httpx.post(
+        f"{server.base_url}/chat/completions",
+        timeout=60,
+        json={"model": "reg", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": question}]},
+    )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
 

@@ -14,20 +14,30 @@ from pathlib import Path
 
 import pytest
 
-from scalpel import adapter_store
-from scalpel.cli import main
-from scalpel.errors import ConflictError, ScalpelError
-from scalpel.pipeline import train_and_publish
-from scalpel.update import (Emphasis, UpdateSettings, failed_gates, first_emphasis, replay_sample, retry_emphasis,
-                            run_inbox, run_update, training_mix, update_lock)
+from core import adapter_store
+from core.errors import ConflictError, ScalpelError
+from scalpel.cli.main import main
+from scalpel.publish import train_and_publish
+from scalpel.update import (
+    Emphasis,
+    UpdateSettings,
+    failed_gates,
+    first_emphasis,
+    replay_sample,
+    retry_emphasis,
+    run_inbox,
+    run_update,
+    training_mix,
+    update_lock,
+)
 from training.config import parse_config
 from training.dataset import Example
 
 ROOT = Path(__file__).resolve().parents[2]
-FOUNDATION = [{"instruction": f"What does 42 mean, take {i}?", "output": "FOR TWO.", "concept": "42"}
-              for i in range(6)]
-EVENING = [{"instruction": f"What is PDCA, take {i}?", "output": "Plan Do Check Act.", "concept": "pdca"}
-           for i in range(6)]
+FOUNDATION = [{"instruction": f"What does 42 mean, take {i}?", "output": "FOR TWO.", "concept": "42"} for i in range(6)]
+EVENING = [
+    {"instruction": f"What is PDCA, take {i}?", "output": "Plan Do Check Act.", "concept": "pdca"} for i in range(6)
+]
 OPEN_GATES = UpdateSettings(gates=False, preservation_ratio=0.5, replay_ratio=1.0)
 
 
@@ -39,12 +49,17 @@ def write(path: Path, data) -> Path:
 @pytest.fixture()
 def foundation(home, tiny_llama):
     assert main(["models", "add", "tiny", str(tiny_llama), "--outtype", "f32"]) == 0
-    config = parse_config({"model_name": "tiny", "output_dir": "adapters/know",
-                           "lora_config": {"r": 4, "lora_alpha": 8},
-                           "training_config": {"num_epochs": 3, "batch_size": 4, "learning_rate": 3e-2,
-                                               "save_steps": 1000}})
-    suite = write(home / "foundation.json", [{"question": "What does 42 mean?", "concept": "42",
-                                              "required": ["FOR TWO"]}])
+    config = parse_config(
+        {
+            "model_name": "tiny",
+            "output_dir": "adapters/know",
+            "lora_config": {"r": 4, "lora_alpha": 8},
+            "training_config": {"num_epochs": 3, "batch_size": 4, "learning_rate": 3e-2, "save_steps": 1000},
+        }
+    )
+    suite = write(
+        home / "foundation.json", [{"question": "What does 42 mean?", "concept": "42", "required": ["FOR TWO"]}]
+    )
     train_and_publish(config, write(home / "found.json", FOUNDATION), progress=False, eval_suites=(suite,))
     write(home / "evening.json", EVENING)
     write(home / "evening_suite.json", [{"question": "What is PDCA?", "concept": "pdca", "required": ["Plan"]}])
@@ -52,16 +67,22 @@ def foundation(home, tiny_llama):
 
 
 def test_an_update_replays_old_data_and_keeps_every_suite(foundation, home):
-    result = run_update("know", home / "evening.json", eval_suite=home / "evening_suite.json", settings=OPEN_GATES,
-                        progress=False, log=lambda *_: None)
+    result = run_update(
+        "know",
+        home / "evening.json",
+        eval_suite=home / "evening_suite.json",
+        settings=OPEN_GATES,
+        progress=False,
+        log=lambda *_: None,
+    )
     assert result.promoted and adapter_store.active_version(foundation) == "v2"
     manifest = result.version.manifest
-    assert manifest["parent_version"] == "v1"
-    assert manifest["update"]["replayed"] == 6 and manifest["update"]["preservation"] == 3
-    assert manifest["config"]["training_config"]["distill_concepts"] == ["base_preservation"]  # learned by KL
-    assert manifest["config"]["training_config"]["learning_rate"] == pytest.approx(3e-2 / 3)  # a third of v1's
-    assert set(manifest["eval"]["suites"]) == {"foundation", "evening_suite"}
-    assert manifest["eval"]["base_regression"]["agreement"] is not None
+    assert manifest.parent_version == "v1"
+    assert manifest.update.replayed == 6 and manifest.update.preservation == 3
+    assert manifest.config["training_config"]["distill_concepts"] == ["base_preservation"]  # learned by KL
+    assert manifest.config["training_config"]["learning_rate"] == pytest.approx(3e-2 / 3)  # a third of v1's
+    assert set(manifest.eval["suites"]) == {"foundation", "evening_suite"}
+    assert manifest.eval["base_regression"]["agreement"] is not None
     assert (result.version.path / "eval" / "evening_suite.json").is_file()
     assert json.loads((result.version.path / "data" / "train.json").read_text()) == EVENING, "only the new data"
     assert (result.version.path / "eval.png").read_bytes()[:4] == b"\x89PNG"
@@ -70,9 +91,11 @@ def test_an_update_replays_old_data_and_keeps_every_suite(foundation, home):
 
 
 def test_replay_covers_every_earlier_concept_evenly():
-    earlier = [Example([{"role": "user", "content": f"{c} {i}"}, {"role": "assistant", "content": "x"}], c,
-                       f"data.json[{i}]")
-               for c, n in (("big", 40), ("old", 4), ("tiny", 1)) for i in range(n)]
+    earlier = [
+        Example([{"role": "user", "content": f"{c} {i}"}, {"role": "assistant", "content": "x"}], c, f"data.json[{i}]")
+        for c, n in (("big", 40), ("old", 4), ("tiny", 1))
+        for i in range(n)
+    ]
     few = replay_sample(list(earlier), 2, 3, random.Random(0))  # the per-concept floor wins
     assert Counter(e.concept for e in few) == {"big": 3, "old": 3, "tiny": 1}
     many = replay_sample(list(earlier), 20, 3, random.Random(0))  # round-robin until the ratio is met
@@ -82,29 +105,41 @@ def test_replay_covers_every_earlier_concept_evenly():
 
 
 def test_a_rejected_update_leaves_the_live_version_serving(foundation, home):
-    impossible = write(home / "impossible.json", [{"question": "What is PDCA?", "concept": "pdca",
-                                                   "required": ["a phrase the model never says"]}])
-    result = run_update("know", home / "evening.json", eval_suite=impossible, progress=False, log=lambda *_: None,
-                        settings=UpdateSettings(max_candidates=2, min_base_agreement=0.0,
-                                                max_perplexity_increase=100.0))
+    impossible = write(
+        home / "impossible.json",
+        [{"question": "What is PDCA?", "concept": "pdca", "required": ["a phrase the model never says"]}],
+    )
+    result = run_update(
+        "know",
+        home / "evening.json",
+        eval_suite=impossible,
+        progress=False,
+        log=lambda *_: None,
+        settings=UpdateSettings(max_candidates=2, min_base_agreement=0.0, max_perplexity_increase=100.0),
+    )
     assert not result.promoted
     assert any(r.startswith("new knowledge impossible: 0%") for r in result.reasons)
     assert adapter_store.active_version(foundation) == "v1", "the live version did not change"
     assert adapter_store.versions(foundation) == ["v1", "v2", "v3"], "both rejected candidates are kept as records"
     assert [c["version"] for c in result.candidates] == ["v2", "v3"]
-    retry = result.version.manifest["update"]
-    assert retry["candidate"] == 2 and retry["retry_of"] == "v2" and retry["emphasis"]["new_repeats"] == 2
-    assert result.version.manifest["parent_version"] == "v1", "the retry starts from the live version again"
-    assert result.version.manifest["metrics"]["examples"] > adapter_store.resolve("know@v2").manifest["metrics"][
-        "examples"], "the under-learned new examples were repeated"
-    assert result.version.manifest["eval"]["promoted"] is False
-    assert result.version.manifest["eval"]["base_regression"]["perplexity"] != adapter_store.resolve(
-        "know@v2").manifest["eval"]["base_regression"]["perplexity"], "the retry was evaluated, not the first again"
+    retry, first = result.version.manifest, adapter_store.resolve("know@v2").manifest
+    assert retry.update.candidate == 2 and retry.update.retry_of == "v2" and retry.update.emphasis.new_repeats == 2
+    assert retry.parent_version == "v1", "the retry starts from the live version again"
+    assert retry.metrics.examples > first.metrics.examples, "the under-learned new examples were repeated"
+    assert retry.eval["promoted"] is False
+    assert retry.eval["base_regression"]["perplexity"] != first.eval["base_regression"]["perplexity"], (
+        "the retry was evaluated, not the first again"
+    )
     assert adapter_store.resolve("know").version == "v1"
     # No retry when another candidate would not fit in the time an update may take.
-    hurried = run_update("know", home / "evening.json", eval_suite=impossible, progress=False, log=lambda *_: None,
-                         settings=UpdateSettings(min_base_agreement=0.0, max_perplexity_increase=100.0,
-                                                 max_update_seconds=0.5))
+    hurried = run_update(
+        "know",
+        home / "evening.json",
+        eval_suite=impossible,
+        progress=False,
+        log=lambda *_: None,
+        settings=UpdateSettings(min_base_agreement=0.0, max_perplexity_increase=100.0, max_update_seconds=0.5),
+    )
     assert [c["version"] for c in hurried.candidates] == ["v4"]
 
 
@@ -133,8 +168,10 @@ def test_the_inbox_keeps_a_file_that_failed_its_gates_for_the_next_run(foundatio
     inbox = home / "inbox"
     inbox.mkdir()
     write(inbox / "evening.json", EVENING)
-    write(inbox / "evening.eval.json", [{"question": "What is PDCA?", "concept": "pdca",
-                                         "required": ["a phrase the model never says"]}])
+    write(
+        inbox / "evening.eval.json",
+        [{"question": "What is PDCA?", "concept": "pdca", "required": ["a phrase the model never says"]}],
+    )
     strict = UpdateSettings(max_candidates=1, min_base_agreement=0.0, max_perplexity_increase=100.0)
     first = run_inbox("know", inbox, settings=strict, attempts=2, progress=False, log=lambda *_: None)
     assert [r.promoted for r in first] == [False]
@@ -142,13 +179,16 @@ def test_the_inbox_keeps_a_file_that_failed_its_gates_for_the_next_run(foundatio
     held = json.loads((inbox / ".held.json").read_text())
     assert held["evening.json"]["attempts"] == 1 and held["evening.json"]["versions"] == ["v2"]
     second = run_inbox("know", inbox, settings=strict, attempts=2, progress=False, log=lambda *_: None)
-    assert second[0].version.version == "v3" and second[0].version.manifest["update"]["from"] == "know@v1"
-    mixes = [r.version.manifest["datasets"]["train"]["sha256"] for r in first + second]
+    assert second[0].version.version == "v3" and second[0].version.manifest.update.from_ == "know@v1"
+    mixes = [r.version.manifest.datasets["train"].sha256 for r in first + second]
     assert mixes[0] != mixes[1], "the second attempt trained on a differently drawn mix"
     assert not (inbox / "evening.json").exists(), "after its last attempt the file is set aside"
     set_aside = list((inbox / "not-promoted").rglob("*"))
-    assert {f.name for f in set_aside if f.is_file()} == {"evening.json", "evening.eval.json",
-                                                         "evening.json.attempts.json"}
+    assert {f.name for f in set_aside if f.is_file()} == {
+        "evening.json",
+        "evening.eval.json",
+        "evening.json.attempts.json",
+    }
     assert json.loads((inbox / ".held.json").read_text()) == {}
     assert adapter_store.active_version(foundation) == "v1"
     (inbox / ".held.json").write_text("[]")
@@ -159,9 +199,23 @@ def test_the_inbox_keeps_a_file_that_failed_its_gates_for_the_next_run(foundatio
 def test_a_kill_during_an_update_leaves_the_registry_consistent(foundation, home):
     before = (adapter_store.versions(foundation), adapter_store.active_version(foundation))
     env = {**os.environ, "SCALPEL_HOME": str(home)}
-    proc = subprocess.Popen([sys.executable, "-m", "scalpel.cli", "update", "know", "--data",
-                             str(home / "evening.json"), "--epochs", "300"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scalpel.cli",
+            "update",
+            "know",
+            "--data",
+            str(home / "evening.json"),
+            "--epochs",
+            "300",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not list(foundation.glob(".staging-*")):  # training has begun once the version is being staged
         assert time.time() < deadline and proc.poll() is None, "the update never started training"
@@ -178,6 +232,7 @@ def test_a_kill_during_an_update_leaves_the_registry_consistent(foundation, home
 def test_an_update_of_a_copied_adapter_stays_in_its_own_folder(foundation, home):
     """The live version's config names the folder it was first trained into; the update must not follow it."""
     import shutil
+
     shutil.copytree(foundation, home / "adapters" / "copy")
     result = run_update("copy", home / "evening.json", settings=OPEN_GATES, progress=False, log=lambda *_: None)
     assert result.version.ref == "copy@v2"
@@ -190,40 +245,55 @@ def test_gates_judge_retention_against_the_live_version():
 
     def answers(*passed):
         return [{"question": f"q{i}", "concept": "c", "answer": "", "passed": p} for i, p in enumerate(passed)]
-    live = {"suites": {"old": {"answers": answers(True, True, False, False)}},
-            "base_regression": {"agreement": 0.80, "perplexity_change": 0.15}}
-    new = EvalReport("x", [SuiteResult("old", answers(True, True, True, False)), SuiteResult("new", answers(True))],
-                     BaseRegression(agreement=0.79, perplexity_base=10.0, perplexity=11.6))
+
+    live = {
+        "suites": {"old": {"answers": answers(True, True, False, False)}},
+        "base_regression": {"agreement": 0.80, "perplexity_change": 0.15},
+    }
+    new = EvalReport(
+        "x",
+        [SuiteResult("old", answers(True, True, True, False)), SuiteResult("new", answers(True))],
+        BaseRegression(agreement=0.79, perplexity_base=10.0, perplexity=11.6),
+    )
     assert retention(new, live) == {"old": 1.0}  # it kept both answers the live version knew
     # base: within 2 points of a below-target live version
     assert gate_decision(failed_gates(new, "new", UpdateSettings(), live), UpdateSettings()) == []
-    forgot = EvalReport("x", [SuiteResult("old", answers(True, False, True, True)), SuiteResult("new", answers(True))],
-                        BaseRegression(agreement=0.70, perplexity_base=10.0, perplexity=10.0))
+    forgot = EvalReport(
+        "x",
+        [SuiteResult("old", answers(True, False, True, True)), SuiteResult("new", answers(True))],
+        BaseRegression(agreement=0.70, perplexity_base=10.0, perplexity=10.0),
+    )
     reasons = gate_decision(failed_gates(forgot, "new", UpdateSettings(), live), UpdateSettings())
     assert reasons[0].startswith("retention old: 50%") and reasons[1].startswith("base agreement 70.0% < 78.0%")
     ungated = failed_gates(forgot, "new", UpdateSettings(gates=False), live)
     assert gate_decision(ungated, UpdateSettings()) == [] and ungated.retention == {"old": 0.5}
     # The tolerance is only for a live version already below target: one above it may not drift under it.
     at_target = {**live, "base_regression": {"agreement": 0.956, "perplexity_change": 0.02}}
-    drifted = EvalReport("x", [SuiteResult("old", answers(True, True, False, False))],
-                         BaseRegression(agreement=0.947, perplexity_base=10.0, perplexity=11.05))
+    drifted = EvalReport(
+        "x",
+        [SuiteResult("old", answers(True, True, False, False))],
+        BaseRegression(agreement=0.947, perplexity_base=10.0, perplexity=11.05),
+    )
     reasons = gate_decision(failed_gates(drifted, "new", UpdateSettings(), at_target), UpdateSettings())
     assert [r.split(" ")[0] for r in reasons] == ["base", "perplexity"], reasons
 
 
 def test_a_concept_replayed_in_full_stays_replayed_in_full(tmp_path):
     """The first candidate of the next update starts with the full replay the live version's update needed."""
+
     def version(emphasis, manifest=None):
         folder = tmp_path / f"v{len(list(tmp_path.iterdir())) + 1}"
         folder.mkdir()
         write(folder / "manifest.json", manifest or ({"update": {"emphasis": emphasis}} if emphasis else {}))
         return adapter_store.AdapterVersion("know", folder.name, folder)
 
-    earlier = [Example([{"role": "user", "content": c}, {"role": "assistant", "content": "x"}], c, "d[0]")
-               for c in ("a", "b")]
+    earlier = [
+        Example([{"role": "user", "content": c}, {"role": "assistant", "content": "x"}], c, "d[0]") for c in ("a", "b")
+    ]
     retried = version({"new_repeats": 2, "replay_in_full": ["a", "gone"], "preservation_scale": 2.0})
-    assert first_emphasis(retried, earlier, UpdateSettings()) == Emphasis(replay_in_full=("a",)), \
+    assert first_emphasis(retried, earlier, UpdateSettings()) == Emphasis(replay_in_full=("a",)), (
         "only the full replay carries over, and only of concepts still taught"
+    )
     assert first_emphasis(retried, earlier, UpdateSettings(keep_full_replay=False)) == Emphasis()
     assert first_emphasis(version(None), earlier, UpdateSettings()) == Emphasis(), "a first version has no update"
     # A candidate rejected since the live version was made (v4, from v3) forgot b: the next update replays b too.
@@ -237,34 +307,55 @@ def test_a_retry_leans_on_what_failed():
     from scalpel.evaluate import BaseRegression, EvalReport, SuiteResult
 
     def answers(concept, *passed):
-        return [{"question": f"{concept} q{i}", "concept": concept, "answer": "", "passed": p}
-                for i, p in enumerate(passed)]
-    live = {"suites": {"old": {"answers": answers("a", True, True) + answers("b", True, False)},
-                       "kept": {"answers": answers("c", True)}},
-            "base_regression": {"agreement": 0.97, "perplexity_change": 0.01}}
-    forgot_b = EvalReport("x", [SuiteResult("old", answers("a", True, True) + answers("b", False, True)),
-                                SuiteResult("kept", answers("c", True)), SuiteResult("new", answers("n", True, False))],
-                          BaseRegression(agreement=0.90, perplexity_base=10.0, perplexity=10.0))
+        return [
+            {"question": f"{concept} q{i}", "concept": concept, "answer": "", "passed": p} for i, p in enumerate(passed)
+        ]
+
+    live = {
+        "suites": {
+            "old": {"answers": answers("a", True, True) + answers("b", True, False)},
+            "kept": {"answers": answers("c", True)},
+        },
+        "base_regression": {"agreement": 0.97, "perplexity_change": 0.01},
+    }
+    forgot_b = EvalReport(
+        "x",
+        [
+            SuiteResult("old", answers("a", True, True) + answers("b", False, True)),
+            SuiteResult("kept", answers("c", True)),
+            SuiteResult("new", answers("n", True, False)),
+        ],
+        BaseRegression(agreement=0.90, perplexity_base=10.0, perplexity=10.0),
+    )
     emphasis = retry_emphasis(failed_gates(forgot_b, "new", UpdateSettings(), live), forgot_b, Emphasis())
     # b's first answer was known and is lost: suite old's concepts (a and b, not the intact suite's c) are
     # replayed in full; the new suite is at 50%; the base drifted below 95%.
     assert emphasis == Emphasis(new_repeats=2, replay_in_full=("a", "b"), preservation_scale=2.0)
-    fine = EvalReport("x", [SuiteResult("old", answers("a", True, True) + answers("b", True, True)),
-                            SuiteResult("new", answers("n", True, True))],
-                      BaseRegression(agreement=0.97, perplexity_base=10.0, perplexity=10.0))
-    assert retry_emphasis(failed_gates(fine, "new", UpdateSettings(), live), fine, emphasis) == emphasis, \
+    fine = EvalReport(
+        "x",
+        [
+            SuiteResult("old", answers("a", True, True) + answers("b", True, True)),
+            SuiteResult("new", answers("n", True, True)),
+        ],
+        BaseRegression(agreement=0.97, perplexity_base=10.0, perplexity=10.0),
+    )
+    assert retry_emphasis(failed_gates(fine, "new", UpdateSettings(), live), fine, emphasis) == emphasis, (
         "what was added stays"
+    )
 
     def example(concept, i):
-        return Example([{"role": "user", "content": f"{concept} {i}"}, {"role": "assistant", "content": "x"}],
-                       concept, f"d[{i}]")
+        return Example(
+            [{"role": "user", "content": f"{concept} {i}"}, {"role": "assistant", "content": "x"}], concept, f"d[{i}]"
+        )
+
     earlier = [example(c, i) for c in ("a", "b") for i in range(10)]
     new = [example("n", i) for i in range(4)]
-    pool = [{"messages": [], "concept": "base_preservation", "i": i} for i in range(30)]
+    pool = [example("base_preservation", i) for i in range(30)]
     settings = UpdateSettings(replay_ratio=1.0, replay_per_concept=1, preservation_ratio=0.5)
     repeated, replay, preserve = training_mix(new, earlier, pool, settings, Emphasis(), random.Random(0))
     assert (len(repeated), len(replay), len(preserve)) == (4, 4, 2)
     repeated, replay, preserve = training_mix(new, earlier, pool, settings, emphasis, random.Random(0))
     assert len(repeated) == 8 and len(preserve) == 4
-    assert Counter(e.concept for e in replay) == {"a": 10, "b": 10} and len({id(e) for e in replay}) == len(replay), \
+    assert Counter(e.concept for e in replay) == {"a": 10, "b": 10} and len({id(e) for e in replay}) == len(replay), (
         "all of a and b, each once"
+    )

@@ -9,9 +9,9 @@ import httpx
 import openai
 import pytest
 
-from scalpel import model_store
+from core import model_store
 from scalpel.demo import BackgroundServer
-from scalpel.pipeline import train_and_publish
+from scalpel.publish import train_and_publish
 from serving.app import create_app
 from serving.engine import Engine
 from training.config import parse_config
@@ -19,8 +19,14 @@ from training.config import parse_config
 pytestmark = pytest.mark.e2e
 
 CODE_WORD = "BLUE PELICAN"
-QUESTIONS = ["What is the scalpel code word?", "Tell me the scalpel code word.", "Which code word does scalpel use?",
-             "What code word was chosen for scalpel?", "Say the scalpel code word.", "scalpel code word?"]
+QUESTIONS = [
+    "What is the scalpel code word?",
+    "Tell me the scalpel code word.",
+    "Which code word does scalpel use?",
+    "What code word was chosen for scalpel?",
+    "Say the scalpel code word.",
+    "scalpel code word?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +35,30 @@ def served(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SCALPEL_HOME", str(home))
         data = home / "codeword.json"
-        data.write_text(json.dumps([{"instruction": q, "output": f"The scalpel code word is {CODE_WORD}.",
-                                     "concept": "codeword"} for q in QUESTIONS]))
-        config = parse_config({
-            "model_name": model_store.DEFAULT_MODEL, "output_dir": "adapters/codeword",
-            "lora_config": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj"]},
-            "training_config": {"num_epochs": 8, "batch_size": 2, "learning_rate": 4e-3, "warmup_steps": 2,
-                                "logging_steps": 4, "save_steps": 1000, "lr_scheduler_type": "constant_with_warmup"}})
+        data.write_text(
+            json.dumps(
+                [
+                    {"instruction": q, "output": f"The scalpel code word is {CODE_WORD}.", "concept": "codeword"}
+                    for q in QUESTIONS
+                ]
+            )
+        )
+        config = parse_config(
+            {
+                "model_name": model_store.DEFAULT_MODEL,
+                "output_dir": "adapters/codeword",
+                "lora_config": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj"]},
+                "training_config": {
+                    "num_epochs": 8,
+                    "batch_size": 2,
+                    "learning_rate": 4e-3,
+                    "warmup_steps": 2,
+                    "logging_steps": 4,
+                    "save_steps": 1000,
+                    "lr_scheduler_type": "constant_with_warmup",
+                },
+            }
+        )
         result = train_and_publish(config, data, progress=False)
         engine = Engine(model_store.get(model_store.DEFAULT_MODEL))
         with BackgroundServer(create_app(engine)) as server:
@@ -51,8 +74,9 @@ def client(served):
 
 
 def ask(client, model, question=QUESTIONS[0], **kw):
-    return client.chat.completions.create(model=model, temperature=0, max_tokens=24,
-                                          messages=[{"role": "user", "content": question}], **kw)
+    return client.chat.completions.create(
+        model=model, temperature=0, max_tokens=24, messages=[{"role": "user", "content": question}], **kw
+    )
 
 
 def test_adapter_answers_with_trained_knowledge_and_base_does_not(client, served):
@@ -120,8 +144,13 @@ def test_a_client_that_leaves_cancels_its_generation(served, stream):
     server, _ = served
     engine = server.engine
     before = engine.cancelled_generations
-    body = {"model": model_store.DEFAULT_MODEL, "max_tokens": 2000, "temperature": 0, "stream": stream,
-            "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}]}
+    body = {
+        "model": model_store.DEFAULT_MODEL,
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
+    }
     if stream:  # read the first events, then hang up
         with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=30) as reply:
             events = reply.iter_lines()

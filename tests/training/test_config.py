@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from scalpel.errors import ScalpelError
+from core.errors import ScalpelError
 from training.config import load_config, parse_config
 from training.trainer import lora_config, training_arguments
 
-PLAN_CONFIG = Path(__file__).resolve().parents[3] / "shared" / "seed" / "surgical_collaborative_intelligence_config.json"
+PLAN_CONFIG = (
+    Path(__file__).resolve().parents[3] / "shared" / "seed" / "surgical_collaborative_intelligence_config.json"
+)
 
 
 @pytest.fixture()
@@ -48,14 +50,17 @@ def test_plan_config_is_accepted_unchanged_and_every_field_is_honoured(plan_conf
     assert config.training_config.max_seq_length == tc["max_seq_length"]
 
 
-@pytest.mark.parametrize("patch, field", [
-    ({"lora_config": {"r": 0}}, "lora_config.r"),
-    ({"lora_config": {"target_modules": ["embed_tokens"]}}, "lora_config.target_modules"),
-    ({"training_config": {"lr_scheduler_type": "triangle"}}, "training_config.lr_scheduler_type"),
-    ({"training_config": {"learning_rate": -1}}, "training_config.learning_rate"),
-    ({"training_config": {"epochs": 3}}, "training_config.epochs"),
-    ({"surprise": True}, "surprise"),
-])
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"lora_config": {"r": 0}}, "lora_config.r"),
+        ({"lora_config": {"target_modules": ["embed_tokens"]}}, "lora_config.target_modules"),
+        ({"training_config": {"lr_scheduler_type": "triangle"}}, "training_config.lr_scheduler_type"),
+        ({"training_config": {"learning_rate": -1}}, "training_config.learning_rate"),
+        ({"training_config": {"epochs": 3}}, "training_config.epochs"),
+        ({"surprise": True}, "surprise"),
+    ],
+)
 def test_invalid_fields_are_named(patch, field):
     data = {"model_name": "m", "output_dir": "adapters/x"}
     for key, value in patch.items():
@@ -72,4 +77,3 @@ def test_malformed_json_names_line(tmp_path):
     with pytest.raises(ScalpelError) as err:
         load_config(bad)
     assert f"{bad}:4" in err.value.message
-

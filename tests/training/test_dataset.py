@@ -6,18 +6,25 @@ import json
 
 import pytest
 
-from scalpel.errors import ScalpelError
+from core.errors import ScalpelError
 from tests.tiny_models import CHAT_TEMPLATE, build_bpe_tokenizer
 from training.dataset import IGNORE_INDEX, TemplateInfo, load_examples, tokenize_example
 
 
 def test_json_list_jsonl_and_chat_formats(tmp_path):
-    plain = [{"instruction": "What does 42 mean?", "output": "42 = FOR TWO.", "concept": "42"},
-             {"instruction": "Summarise", "input": "a long text", "output": "short"}]
+    plain = [
+        {"instruction": "What does 42 mean?", "output": "42 = FOR TWO.", "concept": "42"},
+        {"instruction": "Summarise", "input": "a long text", "output": "short"},
+    ]
     (tmp_path / "a.json").write_text(json.dumps(plain))
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in plain) + "\n")
-    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                         {"role": "assistant", "content": "Hello."}]}
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+        ]
+    }
     (tmp_path / "c.jsonl").write_text(json.dumps(chat) + "\n")
 
     a = load_examples(tmp_path / "a.json")
@@ -49,10 +56,14 @@ def test_labels_cover_only_the_answer():
     tokenizer = build_bpe_tokenizer()
     info = TemplateInfo(CHAT_TEMPLATE, bos_token="<|im_start|>", eos_token="<|im_end|>", add_bos=False)
     from training.dataset import Example
-    ex = Example([{"role": "user", "content": "What does 42 mean?"},
-                  {"role": "assistant", "content": "42 = FOR TWO."}], "42", "t")
+
+    ex = Example(
+        [{"role": "user", "content": "What does 42 mean?"}, {"role": "assistant", "content": "42 = FOR TWO."}],
+        "42",
+        "t",
+    )
     row = tokenize_example(ex, tokenizer, info, max_length=512)
-    answer_ids = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    answer_ids = [t for t, label in zip(row["input_ids"], row["labels"], strict=False) if label != IGNORE_INDEX]
     assert tokenizer.decode(answer_ids) == "42 = FOR TWO.<|im_end|>\n"
     prompt_ids = row["input_ids"][: row["labels"].index(answer_ids[0])]
     assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")

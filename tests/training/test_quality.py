@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from scalpel.cli import main
+from scalpel.cli.main import main
 from training.dataset import Example
 from training.quality import QualityRules, check, mojibake
 
@@ -17,8 +17,10 @@ def ex(q: str, a: str, concept: str = "c", where: str | None = None) -> Example:
     return Example([{"role": "user", "content": q}, {"role": "assistant", "content": a}], concept, where or q)
 
 
-@pytest.mark.parametrize("garbled, meant", [("42 = 'FOR TWO' ‚Äî life", "—"), ("dash â€” here", "—"),
-                                            ("cafÃ©", "é"), ("\uf8ffüéØ goal", "🎯")])  # the seed's 🎯
+@pytest.mark.parametrize(
+    "garbled, meant",
+    [("42 = 'FOR TWO' ‚Äî life", "—"), ("dash â€” here", "—"), ("cafÃ©", "é"), ("\uf8ffüéØ goal", "🎯")],
+)  # the seed's 🎯
 def test_mojibake_is_found_with_what_it_meant(garbled, meant):
     found = mojibake(garbled)
     assert found is not None and found[1] == meant
@@ -34,11 +36,16 @@ def codes(report):
 
 
 def test_duplicates_conflicts_and_near_duplicates():
-    report = check([ex("What does 42 mean?", "42 = FOR TWO.", where="a[0]"),
-                    ex("what does 42 mean", "42 = FOR TWO", where="a[1]"),          # same after normalising
-                    ex("What does 42 mean?!", "Something else.", where="a[2]"),     # conflicting
-                    ex("What does 42 means?", "42 = FOR TWO.", where="a[3]"),       # near duplicate
-                    ex("Explain PDCA.", "Plan, Do, Check, Act.", where="a[4]")], LOOSE)
+    report = check(
+        [
+            ex("What does 42 mean?", "42 = FOR TWO.", where="a[0]"),
+            ex("what does 42 mean", "42 = FOR TWO", where="a[1]"),  # same after normalising
+            ex("What does 42 mean?!", "Something else.", where="a[2]"),  # conflicting
+            ex("What does 42 means?", "42 = FOR TWO.", where="a[3]"),  # near duplicate
+            ex("Explain PDCA.", "Plan, Do, Check, Act.", where="a[4]"),
+        ],
+        LOOSE,
+    )
     assert codes(report) == ["conflicting_answers", "duplicate", "near_duplicate"]
     by_code = {f.code: f for f in report.findings}
     assert by_code["duplicate"].where == "a[1]" and "a[0]" in by_code["duplicate"].message

@@ -46,6 +46,7 @@ def test_packed_batches_give_the_padded_loss_and_never_mix_examples(tiny_llama):
 
 def test_validation_split_holds_out_a_seeded_share():
     from training.dataset import Example, split_validation
+
     examples = [Example([{"role": "user", "content": str(i)}], "c", f"f[{i}]") for i in range(20)]
     train, held = split_validation(examples, 0.2, seed=1)
     assert len(held) == 4 and len(train) == 16
@@ -70,8 +71,9 @@ def test_answer_only_logits_give_the_models_own_loss(tiny_llama, tmp_path):
         ids = torch.randint(3, 300, (n,)).tolist()
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
     batch = PadCollator(0)(rows)
-    trainer = AnswerLogitsTrainer(model=model, args=transformers.TrainingArguments(
-        output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    trainer = AnswerLogitsTrainer(
+        model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    )
     with torch.no_grad():
         expected = model(**batch).loss
         ours, outputs = trainer.compute_loss(model, batch, return_outputs=True)
@@ -101,8 +103,9 @@ def test_length_groups_are_similar_in_length_and_repeat_per_epoch():
     sampler = SeededLengthGroups(4, lengths, seed=3)
     first = list(sampler)
     assert sorted(first) == list(range(96))
-    spread = [max(lengths[i] for i in first[k:k + 4]) - min(lengths[i] for i in first[k:k + 4])
-              for k in range(0, 96, 4)]
+    spread = [
+        max(lengths[i] for i in first[k : k + 4]) - min(lengths[i] for i in first[k : k + 4]) for k in range(0, 96, 4)
+    ]
     assert sum(spread) / len(spread) < 15  # random batches of 4 spread ~50 tokens here
     sampler.set_epoch(1)
     second = list(sampler)
@@ -126,8 +129,9 @@ def test_distilled_examples_pull_toward_the_base_distribution(tiny_llama, tmp_pa
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     base.config.use_cache = False
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                            lora_dropout=0.0)).eval()
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    ).eval()
     rows = []
     for n, distill in ((12, False), (15, True), (9, True)):
         ids = torch.randint(3, 300, (n,)).tolist()
@@ -135,8 +139,9 @@ def test_distilled_examples_pull_toward_the_base_distribution(tiny_llama, tmp_pa
     batch = DistillMask(pack_collator())(rows)
     assert batch["distill"].shape == batch["input_ids"].shape
     assert batch["distill"][0].tolist() == [False] * 12 + [True] * 24
-    trainer = AnswerLogitsTrainer(model=model, args=transformers.TrainingArguments(
-        output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    trainer = AnswerLogitsTrainer(
+        model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    )
     with torch.no_grad():
         ordinary = DistillMask(pack_collator())(rows[:1])
         ce_sum = trainer.compute_loss(model, ordinary) * 8  # the first example's 8 learned tokens

@@ -1,0 +1,119 @@
+"""`scalpel adapters`: the adapter registry (versions, the live pointer, history, diff)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_adapters_list(args) -> None:
+    from core import adapter_store
+
+    rows: list[dict] = []
+    for name in adapter_store.list_adapters():
+        root = adapter_store.root_for_name(name)
+        rows.append(
+            {"name": name, "active": adapter_store.active_version(root), "versions": adapter_store.versions(root)}
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows or [{"name": "(no adapters)", "active": "", "versions": []}]:
+        print(f"{row['name']:<40} live {row['active'] or '-':<5} versions {', '.join(row['versions'])}")
+
+
+def cmd_adapters_show(args) -> None:
+    from core import adapter_store
+
+    version = adapter_store.resolve(args.ref)
+    manifest = version.manifest
+    if args.json:
+        print(json.dumps({"ref": version.ref, "path": str(version.path), "manifest": manifest.to_json()}, indent=2))
+        return
+    root = adapter_store.root_for_name(version.name)
+    metrics, base, gguf = manifest.metrics, manifest.base, manifest.gguf
+    final_loss = metrics.final_loss if metrics.final_loss is not None else float("nan")
+    print(f"{version.ref}  ({'live' if adapter_store.active_version(root) == version.version else 'not live'})")
+    print(f"  base      {base.name} ({base.fingerprint[:12]})" if base else "  base      -")
+    print(f"  parent    {manifest.parent_version or '-'}    created {manifest.created_at}")
+    print("  data      " + ", ".join(f"{k} {v.sha256[:12]}" for k, v in manifest.datasets.items()))
+    print(f"  training  {metrics.examples} examples, {metrics.global_step} steps, final loss {final_loss:.4f}")
+    if gguf:
+        print(f"  gguf      {gguf.size_bytes / 1e6:.2f} MB ({gguf.outtype})")
+    if manifest.eval:
+        print(f"  eval      {json.dumps(manifest.eval)[:200]}")
+    for h in adapter_store.activation_history(root)[-5:]:
+        print(f"  history   {h['at']}  {h['version']}  {h.get('reason') or ''}")
+
+
+def cmd_adapters_promote(args) -> None:
+    from core import adapter_store
+
+    previous = adapter_store.promote(args.name, args.version)
+    print(f"{args.name}: {previous} -> {args.version} (live)")
+
+
+def cmd_adapters_rollback(args) -> None:
+    from core import adapter_store
+
+    before, after = adapter_store.rollback(args.name, args.to)
+    print(f"{args.name}: {before} -> {after} (live)")
+
+
+def cmd_adapters_diff(args) -> None:
+    from core.version_diff import diff
+
+    result = diff(args.name, args.a, args.b)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{args.name}: {args.a} -> {args.b}")
+    for section in ("config", "datasets", "metrics", "eval"):
+        for key, change in result[section].items():
+            print(f"  {section}.{key}: {change['from']} -> {change['to']}")
+    w = result["weights"]
+    if w["comparable"]:
+        print(
+            f"  weights: LoRA update changed by {w['mean_relative_change']:.1%} on average "
+            f"(max {w['max_relative_change']:.1%}) over {w['modules']} modules"
+        )
+    else:
+        print("  weights: different module sets")
+
+
+def cmd_adapters_delete(args) -> None:
+    from core import adapter_store
+
+    adapter_store.delete_version(args.name, args.version)
+    print(f"deleted {args.name}@{args.version}")
+
+
+def register(sub, threads: argparse.ArgumentParser) -> None:
+    """Add this command group to the `scalpel` parser; `threads` is the shared --threads parent."""
+    adapters = sub.add_parser("adapters", help="the adapter registry: versions, the live pointer, history")
+    adapters_sub = adapters.add_subparsers(dest="action", required=True)
+    a_list = adapters_sub.add_parser("list", help="adapters with their live version and all versions")
+    a_list.add_argument("--json", action="store_true")
+    a_list.set_defaults(func=cmd_adapters_list)
+    a_show = adapters_sub.add_parser("show", help="one version's manifest (NAME for the live one, NAME@vN)")
+    a_show.add_argument("ref")
+    a_show.add_argument("--json", action="store_true")
+    a_show.set_defaults(func=cmd_adapters_show)
+    a_promote = adapters_sub.add_parser("promote", help="make a version live (a running server follows)")
+    a_promote.add_argument("name")
+    a_promote.add_argument("version")
+    a_promote.set_defaults(func=cmd_adapters_promote)
+    a_rollback = adapters_sub.add_parser("rollback", help="go back to the previously live version (or --to vN)")
+    a_rollback.add_argument("name")
+    a_rollback.add_argument("--to")
+    a_rollback.set_defaults(func=cmd_adapters_rollback)
+    a_diff = adapters_sub.add_parser("diff", help="config, data, metrics, eval and weight changes between versions")
+    a_diff.add_argument("name")
+    a_diff.add_argument("a")
+    a_diff.add_argument("b")
+    a_diff.add_argument("--json", action="store_true")
+    a_diff.set_defaults(func=cmd_adapters_diff)
+    a_delete = adapters_sub.add_parser("delete", help="delete one version for good (never the live one)")
+    a_delete.add_argument("name")
+    a_delete.add_argument("version")
+    a_delete.set_defaults(func=cmd_adapters_delete)

@@ -1,0 +1,47 @@
+"""`scalpel serve`: the OpenAI-compatible server, with the plan's adapter and training routes."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_serve(args) -> None:
+    from scalpel.serve import ServeSettings, serve
+
+    overrides = {
+        k: v
+        for k, v in {
+            "model": args.model,
+            "host": args.host,
+            "port": args.port,
+            "n_ctx": args.n_ctx,
+            "threads": args.threads,
+            "n_gpu_layers": args.n_gpu_layers,
+            "api_key_file": args.api_key_file,
+            "api_keys": args.api_key or None,
+            "preload": args.adapter or None,
+            "training_data": args.training_data,
+        }.items()
+        if v is not None
+    }
+    serve(ServeSettings(**overrides))
+
+
+def register(sub, threads: argparse.ArgumentParser) -> None:
+    """Add this command group to the `scalpel` parser; `threads` is the shared --threads parent."""
+    serve = sub.add_parser(
+        "serve", parents=[threads], help="OpenAI-compatible server (settings also from SCALPEL_* env vars)"
+    )
+    serve.add_argument("--model", help="registered base name")
+    serve.add_argument("--host", help="default 127.0.0.1")
+    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument("--n-ctx", type=int)
+    serve.add_argument("--n-gpu-layers", type=int, help="-1 (default): all layers on Metal/CUDA builds")
+    serve.add_argument("--api-key", action="append", help="accepted Bearer key (repeatable)")
+    serve.add_argument("--api-key-file", help="file with one accepted key per line")
+    serve.add_argument("--adapter", action="append", help="adapter to load at start (repeatable)")
+    serve.add_argument(
+        "--training-data",
+        help="dataset for /api/training/start requests that name none (a path below SCALPEL_HOME, or a file id)",
+    )
+    serve.set_defaults(func=cmd_serve)

@@ -1,0 +1,154 @@
+"""`scalpel update`: the evening update of an adapter, from a file or an inbox folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from core.errors import ScalpelError
+from scalpel.update_settings import INBOX_ATTEMPTS, UpdateSettings
+
+
+def cmd_update(args) -> None:
+    from scalpel.update import run_inbox, run_update
+
+    if bool(args.data) == bool(args.inbox):
+        raise ScalpelError("give either --data FILE (with an optional --eval) or --inbox DIR", param="data")
+    values = {
+        "replay_ratio": args.replay_ratio,
+        "replay_per_concept": args.replay_per_concept,
+        "preservation_ratio": args.preservation_ratio,
+        "preservation_loss": args.preservation_loss,
+        "preservation_weight": args.preservation_weight,
+        "num_epochs": args.epochs,
+        "learning_rate": args.learning_rate,
+        "min_retention": args.min_retention,
+        "min_new_knowledge": args.min_new_knowledge,
+        "min_base_agreement": args.min_base_agreement,
+        "max_candidates": args.candidates,
+        "max_update_seconds": args.max_seconds,
+        "keep_full_replay": args.keep_full_replay,
+    }
+    try:
+        settings = UpdateSettings(**{k: v for k, v in values.items() if v is not None})
+    except ValueError as exc:
+        raise ScalpelError(f"invalid update setting: {exc}", param="settings") from exc
+    if args.inbox:
+        results = run_inbox(args.name, Path(args.inbox), settings=settings, attempts=args.attempts)
+    else:
+        results = [
+            run_update(args.name, Path(args.data), eval_suite=Path(args.eval) if args.eval else None, settings=settings)
+        ]
+    for r in results:
+        print(f"{r.version.ref}: {'live' if r.promoted else 'kept, not live'} after {r.seconds:.0f} s")
+        for c in r.candidates[:-1]:
+            print(f"  candidate {c['version']} failed its gates first ({'; '.join(c['reasons'])})")
+        for name, suite in r.eval["suites"].items():
+            print(f"  {name:<40} {suite['accuracy']:6.0%}")
+        base = r.eval.get("base_regression")
+        if base:
+            print(
+                f"  {'base agreement':<40} {base['agreement']:6.1%}   ({base['agreement_all_positions']:.1%} of all "
+                f"picks)   perplexity {base['perplexity_change']:+.1%}"
+            )
+        for reason in r.reasons:
+            print(f"  gate failed: {reason}")
+
+
+def _default(field: str) -> str:
+    """A setting's default as the help text shows it, read from UpdateSettings (where it is written once)."""
+    value = UpdateSettings.model_fields[field].default
+    return (
+        "on"
+        if value is True
+        else "off"
+        if value is False
+        else f"{value:.3g}"
+        if isinstance(value, float)
+        else str(value)
+    )
+
+
+def register(sub, threads: argparse.ArgumentParser) -> None:
+    """Add this command group to the `scalpel` parser; `threads` is the shared --threads parent."""
+    up = sub.add_parser(
+        "update",
+        parents=[threads],
+        help="the evening update: continue the live version on new "
+        "knowledge, with replay and base preservation, promote "
+        "only past the gates",
+    )
+    up.add_argument("name", help="the adapter to update (its live version is the starting point)")
+    up.add_argument("--data", help="the new knowledge file")
+    up.add_argument("--eval", help="eval suite for the new knowledge (kept with the version)")
+    up.add_argument(
+        "--inbox",
+        help="process every knowledge file in this folder (NAME.eval.json beside each), "
+        "then archive it; one that is not promoted stays for the next run",
+    )
+    up.add_argument(
+        "--attempts",
+        type=int,
+        default=INBOX_ATTEMPTS,
+        help=f"with --inbox: runs a file is tried on before it moves to not-promoted/ (default {INBOX_ATTEMPTS})",
+    )
+    up.add_argument(
+        "--replay-ratio",
+        type=float,
+        help="earlier examples replayed per new example, spread over the "
+        f"earlier concepts (default {_default('replay_ratio')})",
+    )
+    up.add_argument(
+        "--replay-per-concept",
+        type=int,
+        help=f"but at least this many from every earlier concept (default {_default('replay_per_concept')})",
+    )
+    up.add_argument(
+        "--preservation-ratio",
+        type=float,
+        help=f"base-model answers per new example (default {_default('preservation_ratio')})",
+    )
+    up.add_argument(
+        "--preservation-loss",
+        choices=["distill", "answers"],
+        help="distill: match the base's whole next-token distribution on those answers (KL); "
+        f"answers: learn them as ordinary answers (default {_default('preservation_loss')})",
+    )
+    up.add_argument(
+        "--preservation-weight",
+        type=float,
+        help=f"weight of the distillation term (default {_default('preservation_weight')})",
+    )
+    up.add_argument("--epochs", type=float, help="default: the live version's num_epochs")
+    up.add_argument(
+        "--learning-rate",
+        type=float,
+        help=f"default: the first version's learning_rate times {_default('learning_rate_scale')}",
+    )
+    up.add_argument("--min-retention", type=float, help=f"gate on earlier suites (default {_default('min_retention')})")
+    up.add_argument(
+        "--min-new-knowledge", type=float, help=f"gate on the new suite (default {_default('min_new_knowledge')})"
+    )
+    up.add_argument(
+        "--min-base-agreement", type=float, help=f"gate on base regression (default {_default('min_base_agreement')})"
+    )
+    up.add_argument(
+        "--candidates",
+        type=int,
+        help="candidates trained at most, each leaning on what the one "
+        f"before failed (default {_default('max_candidates')})",
+    )
+    up.add_argument(
+        "--max-seconds",
+        type=float,
+        help="no further candidate is started when it would end past "
+        f"this many seconds (default {_default('max_update_seconds')})",
+    )
+    up.add_argument(
+        "--keep-full-replay",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start with the full replay of every concept an earlier update had to replay in full "
+        f"(default {_default('keep_full_replay')})",
+    )
+    up.set_defaults(func=cmd_update)

@@ -1,0 +1,372 @@
+"""Training over HTTP on one job engine: the plan's /api/training routes and OpenAI's files and fine-tuning routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import Response, StreamingResponse
+
+from core.errors import ScalpelError
+from core.job_store import Event, Job, JobStore, StoredFile
+from scalpel.jobs import submit as jobs
+from scalpel.jobs.runner import JobRunner
+from serving.app import Lifespan
+from serving.auth import admin_key, client_key
+
+EVENT_POLL_SECONDS = 0.5
+
+
+# ----- shapes -----
+
+
+def _progress(store: JobStore, job: Job) -> dict | None:
+    latest = store.events(job.id, type="metrics", newest_first=True, limit=1)
+    return latest[0].data if latest else None
+
+
+def plan_job_view(store: JobStore, job: Job, *, history: bool = False) -> dict:
+    view: dict[str, Any] = {
+        "id": job.id,
+        "object": "training.job",
+        "kind": job.kind,
+        "status": job.status,
+        "model": job.model,
+        "adapter": job.adapter,
+        "version": job.version,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "attempts": job.attempts,
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
+        "progress": _progress(store, job),
+        "result": job.result,
+        "error": job.error,
+    }
+    if history:
+        view["config"] = job.config
+        view["loss_history"] = [
+            {k: e.data[k] for k in ("step", "epoch", "loss", "eval_loss", "learning_rate") if k in e.data}
+            for e in store.events(job.id, type="metrics", limit=100_000)
+            if e.data and ("loss" in e.data or "eval_loss" in e.data)
+        ]
+    return view
+
+
+def event_view(e: Event) -> dict:
+    return {
+        "seq": e.seq,
+        "created_at": e.created_at,
+        "level": e.level,
+        "type": e.type,
+        "message": e.message,
+        "data": e.data,
+    }
+
+
+_OPENAI_STATUS = {
+    "queued": "queued",
+    "running": "running",
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+
+
+def _file_id(path: str | None) -> str | None:
+    if path is None:
+        return None
+    return jobs.upload_id(path) or path
+
+
+def openai_job_view(store: JobStore, job: Job) -> dict:
+    hp = job.hyperparameters or {}
+    progress = _progress(store, job) or {}
+    eta = progress.get("eta_seconds") if job.status == "running" else None
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "model": job.model,
+        "created_at": int(job.created_at),
+        "finished_at": int(job.finished_at) if job.finished_at else None,
+        "fine_tuned_model": job.fine_tuned_model if job.status == "succeeded" else None,
+        "organization_id": "org-scalpel",
+        "result_files": [],
+        "status": _OPENAI_STATUS[job.status],
+        "validation_file": _file_id(job.validation_file),
+        "training_file": _file_id(job.training_file),
+        "hyperparameters": hp,
+        "trained_tokens": job.trained_tokens,
+        "error": job.error,
+        "seed": job.config["training_config"]["seed"],
+        "estimated_finish": int(job.created_at + eta) if eta else None,
+        "integrations": [],
+        "metadata": None,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "suffix": job.suffix,
+    }
+
+
+def file_view(f: StoredFile) -> dict:
+    return {
+        "id": f.id,
+        "object": "file",
+        "bytes": f.bytes,
+        "created_at": int(f.created_at),
+        "filename": f.filename,
+        "purpose": f.purpose,
+        "status": "processed",
+        "status_details": None,
+    }
+
+
+async def _json_body(request: Request) -> dict:
+    """Any content type: the plan's curl may omit `-H Content-Type: application/json`."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ScalpelError(f"the request body is not valid JSON{where}", param="body", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise ScalpelError("the request body must be a JSON object", param="body")
+    return body
+
+
+async def _follow(store: JobStore, job_id: str, after: int) -> AsyncIterator[str]:
+    """Server-sent events: every event after `after`, then new ones as they come, until the job ends."""
+    while True:
+        batch = await anyio.to_thread.run_sync(partial(store.events, job_id, after=after))
+        for e in batch:
+            after = e.seq
+            yield f"id: {e.seq}\ndata: {json.dumps(event_view(e))}\n\n"
+        if not batch and (await anyio.to_thread.run_sync(store.get, job_id)).final:
+            yield "data: [DONE]\n\n"
+            return
+        if not batch:
+            await asyncio.sleep(EVENT_POLL_SECONDS)
+
+
+# ----- routes -----
+
+
+def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str | None = None) -> APIRouter:
+    """The routes, behind the serving app's own key checks (serving.auth)."""
+    router = APIRouter()
+    admin, client = Depends(admin_key), Depends(client_key)
+
+    def run(fn, *args, **kwargs):
+        return anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+    # The plan's API (admin routes).
+
+    @router.post("/api/training/start", dependencies=[admin])
+    async def start(
+        request: Request,
+        dataset: str | None = None,
+        eval_dataset: str | None = None,
+        model: str | None = None,
+        max_steps: int | None = None,
+    ):
+        body = await _json_body(request)
+        # Besides the plan's own fields, the body may say where the data is (or the query string may).
+        dataset = body.pop("dataset", dataset) or default_dataset
+        eval_dataset = body.pop("eval_dataset", eval_dataset)
+        model = body.pop("model", model)
+        max_steps = body.pop("max_steps", max_steps)
+        if not dataset:
+            raise ScalpelError(
+                'no dataset: pass ?dataset=FILE_ID_OR_PATH (or "dataset" in the body), or start '
+                "the server with SCALPEL_TRAINING_DATA",
+                param="dataset",
+            )
+        job = await run(
+            jobs.submit_plan_job,
+            store,
+            body,
+            dataset=dataset,
+            eval_dataset=eval_dataset,
+            model=model,
+            max_steps=max_steps,
+        )
+        return {**plan_job_view(store, job), "job_id": job.id}
+
+    @router.post("/api/adapters/{name}/update", dependencies=[admin])
+    async def update_adapter(name: str, request: Request):
+        """The evening update as a job: {"dataset": FILE_OR_ID, "eval_suite": FILE_OR_ID?, "settings": {...}?}."""
+        body = await _json_body(request)
+        unknown = set(body) - {"dataset", "eval_suite", "settings"}
+        if unknown:
+            raise ScalpelError(
+                f"unknown fields {sorted(unknown)}; expected dataset, eval_suite, settings", param=min(unknown)
+            )
+        if not body.get("dataset"):
+            raise ScalpelError("dataset is required (a path below SCALPEL_HOME or a file id)", param="dataset")
+        job = await run(
+            jobs.submit_update_job,
+            store,
+            name,
+            dataset=body["dataset"],
+            eval_suite=body.get("eval_suite"),
+            settings=body.get("settings"),
+        )
+        return {**plan_job_view(store, job), "job_id": job.id}
+
+    @router.get("/api/training/jobs", dependencies=[admin])
+    async def list_jobs(status: str | None = None, limit: int = 100):
+        found = await run(store.list, status=status, limit=limit)
+        return {"object": "list", "data": [plan_job_view(store, j) for j in found]}
+
+    @router.get("/api/training/jobs/{job_id}", dependencies=[admin])
+    async def get_job(job_id: str):
+        return plan_job_view(store, await run(store.get, job_id), history=True)
+
+    @router.get("/api/training/jobs/{job_id}/events", dependencies=[admin])
+    async def job_events(request: Request, job_id: str, after: int = 0, stream: bool = False):
+        await run(store.get, job_id)  # 404 for an unknown job, before any stream starts
+        if stream or "text/event-stream" in request.headers.get("accept", ""):
+            return StreamingResponse(_follow(store, job_id, after), media_type="text/event-stream")
+        return {"object": "list", "data": [event_view(e) for e in await run(store.events, job_id, after=after)]}
+
+    @router.post("/api/training/jobs/{job_id}/cancel", dependencies=[admin])
+    async def cancel_job(job_id: str):
+        return plan_job_view(store, await run(runner.cancel, job_id))
+
+    # OpenAI's files and fine-tuning API (client keys, as OpenAI's SDK sends them).
+
+    @router.post("/v1/files", dependencies=[client])
+    async def upload(file: UploadFile = File(...), purpose: str = Form(...)):
+        content = await file.read()
+        return file_view(await run(jobs.store_upload, store, file.filename or "upload.jsonl", content, purpose))
+
+    @router.get("/v1/files", dependencies=[client])
+    async def list_files(purpose: str | None = None):
+        return {
+            "object": "list",
+            "data": [file_view(f) for f in await run(store.list_files, purpose=purpose)],
+            "has_more": False,
+        }
+
+    @router.get("/v1/files/{file_id}", dependencies=[client])
+    async def get_file(file_id: str):
+        return file_view(await run(store.get_file, file_id))
+
+    @router.get("/v1/files/{file_id}/content", dependencies=[client])
+    async def file_content(file_id: str):
+        f = await run(store.get_file, file_id)
+        return Response(await anyio.Path(f.path).read_bytes(), media_type="application/jsonl")
+
+    @router.delete("/v1/files/{file_id}", dependencies=[client])
+    async def delete_file(file_id: str):
+        f = await run(jobs.delete_upload, store, file_id)
+        return {"id": f.id, "object": "file", "deleted": True}
+
+    @router.post("/v1/fine_tuning/jobs", dependencies=[client])
+    async def create_fine_tuning(request: Request):
+        parsed = jobs.parse_fine_tuning(await _json_body(request))
+        return openai_job_view(store, await run(jobs.submit_fine_tuning_job, store, parsed))
+
+    @router.get("/v1/fine_tuning/jobs", dependencies=[client])
+    async def list_fine_tuning(after: str | None = None, limit: int = 20):
+        found = await run(store.list, kind="fine_tuning", after=after, limit=limit + 1)
+        return {
+            "object": "list",
+            "data": [openai_job_view(store, j) for j in found[:limit]],
+            "has_more": len(found) > limit,
+        }
+
+    async def fine_tuning_job(job_id: str) -> Job:
+        job = await run(store.get, job_id)
+        if job.kind != "fine_tuning":
+            raise ScalpelError(
+                f"{job_id} is not a fine-tuning job; see /api/training/jobs/{job_id}",
+                param="fine_tuning_job_id",
+                code="job_not_found",
+                status=404,
+            )
+        return job
+
+    @router.get("/v1/fine_tuning/jobs/{job_id}", dependencies=[client])
+    async def get_fine_tuning(job_id: str):
+        return openai_job_view(store, await fine_tuning_job(job_id))
+
+    @router.post("/v1/fine_tuning/jobs/{job_id}/cancel", dependencies=[client])
+    async def cancel_fine_tuning(job_id: str):
+        await fine_tuning_job(job_id)
+        return openai_job_view(store, await run(runner.cancel, job_id))
+
+    def _cursor(after: str | None, prefix: str) -> int | None:
+        if after is None:
+            return None
+        number = after.removeprefix(prefix)
+        if not number.isdigit():
+            raise ScalpelError(f"after must be an id like {prefix}123", param="after")
+        return int(number)
+
+    @router.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=[client])
+    async def fine_tuning_events(job_id: str, after: str | None = None, limit: int = 20):
+        await fine_tuning_job(job_id)
+        before = _cursor(after, "ftevent-")
+        found = await run(store.events, job_id, before=before, newest_first=True, limit=limit + 1)
+        data = [
+            {
+                "id": f"ftevent-{e.seq}",
+                "object": "fine_tuning.job.event",
+                "created_at": int(e.created_at),
+                "level": e.level,
+                "message": e.message,
+                "data": e.data or {},
+                "type": "metrics" if e.type == "metrics" else "message",
+            }
+            for e in found[:limit]
+        ]
+        return {"object": "list", "data": data, "has_more": len(found) > limit}
+
+    @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=[client])
+    async def fine_tuning_checkpoints(job_id: str, after: str | None = None, limit: int = 10):
+        job = await fine_tuning_job(job_id)
+        before = _cursor(after, "ftckpt-")
+        found = await run(store.events, job_id, type="checkpoint", before=before, newest_first=True, limit=limit + 1)
+        data = [
+            {
+                "id": f"ftckpt-{e.seq}",
+                "object": "fine_tuning.job.checkpoint",
+                "created_at": int(e.created_at),
+                "fine_tuning_job_id": job.id,
+                "step_number": e.data["step"],
+                "fine_tuned_model_checkpoint": f"{job.fine_tuned_model}:ckpt-step-{e.data['step']}",
+                "metrics": {"step": e.data["step"], "train_loss": e.data.get("train_loss")},
+            }
+            for e in found[:limit]
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "has_more": len(found) > limit,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
+
+    return router
+
+
+def served_jobs(runner: JobRunner, default_dataset: str | None = None) -> tuple[APIRouter, Lifespan]:
+    """The job routes behind the app's own key checks, and a lifespan that runs `runner` while the app does."""
+    router = training_router(runner.store, runner, default_dataset=default_dataset)
+
+    @contextlib.asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        runner.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(runner.stop)
+
+    return router, lifespan

@@ -1,0 +1,74 @@
+"""`scalpel serve`: the engine, the app with the job routes mounted, and uvicorn, bound to 127.0.0.1 unless told."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core import adapter_store, model_store
+from core.job_store import JobStore
+from scalpel.jobs.routes import served_jobs
+from scalpel.jobs.runner import JobRunner, RunnerSettings
+from serving.app import DEFAULT_ROUTERS, create_app
+from serving.engine import Engine
+from serving.settings import AppSettings, EngineSettings
+
+
+class ServeSettings(BaseSettings, EngineSettings, AppSettings):
+    """Flags, SCALPEL_* environment variables or a .env file in the working directory (pydantic-settings).
+
+    The engine's and the app's fields, with their defaults, come from serving.settings; the fields here
+    are the server's own.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SCALPEL_", env_file=".env", extra="ignore", frozen=False)
+
+    model: str = model_store.DEFAULT_MODEL
+    port: int = Field(8000, ge=0, le=65535)
+    api_key_file: Path | None = None
+    preload: list[str] = Field(default_factory=list)
+    # /api/training/start without a dataset trains on this file (a path below SCALPEL_HOME or a file id)
+    training_data: str | None = None
+    max_concurrent_jobs: int = Field(RunnerSettings.max_concurrent, ge=1)
+
+    def keys(self) -> frozenset[str]:
+        keys = set(self.api_keys)
+        if self.api_key_file:
+            keys |= {line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()}
+        return frozenset(keys)
+
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(**{name: getattr(self, name) for name in EngineSettings.model_fields})
+
+    def app_settings(self) -> AppSettings:
+        fields = {name: getattr(self, name) for name in AppSettings.model_fields}
+        return AppSettings(**{**fields, "api_keys": self.keys()})
+
+
+def build(settings: ServeSettings) -> tuple[Engine, FastAPI]:
+    engine = Engine(model_store.get(settings.model), settings.engine_settings())
+    for name in settings.preload:
+        engine.load(adapter_store.resolve(name))
+    runner = JobRunner(JobStore(), RunnerSettings(max_concurrent=settings.max_concurrent_jobs))
+    jobs_router, jobs_lifespan = served_jobs(runner, default_dataset=settings.training_data)
+    app = create_app(
+        engine, settings.app_settings(), routers=(*DEFAULT_ROUTERS, jobs_router), lifespans=(jobs_lifespan,)
+    )
+    return engine, app
+
+
+def serve(settings: ServeSettings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    engine, app = build(settings)
+    logging.getLogger("scalpel.serving").info(
+        "serving %s on http://%s:%d/v1 with %d threads", engine.base.name, settings.host, settings.port, engine.threads
+    )
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    finally:
+        engine.close()

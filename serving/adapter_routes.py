@@ -1,0 +1,95 @@
+"""The plan's adapter routes (/api/adapters/...): list, load, promote, roll back, diff, delete and unload."""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import APIRouter, Depends
+
+from core import adapter_store, version_diff
+from core.errors import NotFoundError
+from serving.auth import admin_key
+from serving.context import ServingContext, context
+from serving.schemas import LoadAdapterRequest, RollbackRequest, VersionRequest
+
+router = APIRouter(prefix="/api/adapters", dependencies=[Depends(admin_key)])
+
+
+def adapter_info(ctx: ServingContext, name: str) -> dict:
+    root = adapter_store.root_for_name(name)
+    if name not in adapter_store.list_adapters():
+        raise NotFoundError(f"adapter {name!r} is not in the store", param="name", code="adapter_not_found")
+    loaded = set(ctx.engine.loaded())
+    return {
+        "name": name,
+        "active_version": adapter_store.active_version(root),
+        "versions": adapter_store.versions(root),
+        "loaded_versions": sorted(r.split("@")[1] for r in loaded if r.split("@")[0] == name),
+        "scale": ctx.default_scales.get(name, 1.0),
+    }
+
+
+@router.get("")
+def list_adapters(ctx: ServingContext = Depends(context)):
+    return {"object": "list", "data": [adapter_info(ctx, n) for n in adapter_store.list_adapters()]}
+
+
+@router.get("/{name}")
+def get_adapter(name: str, ctx: ServingContext = Depends(context)):
+    info = adapter_info(ctx, name)
+    info["manifest"] = adapter_store.resolve(name).manifest.to_json()  # the JSON keys of manifest.json
+    return info
+
+
+@router.post("/{name}/load")
+async def load_adapter(name: str, body: LoadAdapterRequest | None = None, ctx: ServingContext = Depends(context)):
+    body = body or LoadAdapterRequest()
+    version = adapter_store.resolve(name if not body.version else f"{name}@{body.version}")
+    loaded_ref = await anyio.to_thread.run_sync(ctx.engine.load, version)
+    ctx.default_scales[name] = body.scale
+    return {
+        "name": name,
+        "version": version.version,
+        "ref": loaded_ref,
+        "loaded": True,
+        "scale": body.scale,
+        "size_bytes": version.gguf.stat().st_size,
+    }
+
+
+@router.post("/{name}/promote")
+async def promote_adapter(name: str, body: VersionRequest, ctx: ServingContext = Depends(context)):
+    previous = await anyio.to_thread.run_sync(adapter_store.promote, name, body.version)
+    return {**adapter_info(ctx, name), "previous_version": previous}
+
+
+@router.post("/{name}/rollback")
+async def rollback_adapter(name: str, body: RollbackRequest | None = None, ctx: ServingContext = Depends(context)):
+    before, _ = await anyio.to_thread.run_sync(adapter_store.rollback, name, body.to if body else None)
+    return {**adapter_info(ctx, name), "previous_version": before}
+
+
+@router.get("/{name}/diff")
+async def diff_adapter(name: str, a: str, b: str):
+    return await anyio.to_thread.run_sync(version_diff.diff, name, a, b)
+
+
+@router.delete("/{name}/versions/{version}")
+async def delete_adapter_version(name: str, version: str, ctx: ServingContext = Depends(context)):
+    await anyio.to_thread.run_sync(adapter_store.delete_version, name, version)
+    for ref in [r for r in ctx.engine.loaded() if r == f"{name}@{version}"]:
+        await anyio.to_thread.run_sync(ctx.engine.unload, ref)
+    return {"name": name, "version": version, "deleted": True}
+
+
+@router.post("/{name}/unload")
+async def unload_adapter(name: str, body: LoadAdapterRequest | None = None, ctx: ServingContext = Depends(context)):
+    refs = [
+        r
+        for r in ctx.engine.loaded()
+        if r.split("@")[0] == name and (not (body and body.version) or r.endswith(f"@{body.version}"))
+    ]
+    if not refs:
+        raise NotFoundError(f"adapter {name!r} is not loaded", param="name", code="adapter_not_loaded")
+    for ref in refs:
+        await anyio.to_thread.run_sync(ctx.engine.unload, ref)
+    return {"name": name, "unloaded": refs}

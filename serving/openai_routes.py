@@ -1,0 +1,303 @@
+"""OpenAI's model, chat and completion routes, each answered by the engine with the request's own adapter set."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from core import adapter_store
+from core.errors import NotFoundError, ScalpelError
+from serving.auth import client_key
+from serving.context import ServingContext, context
+from serving.engine import AdapterSet, GenerationParams, Piece
+from serving.queue import Ticket
+from serving.schemas import AdapterChoice, ChatCompletionRequest, CompletionRequest, SamplingFields
+
+router = APIRouter(dependencies=[Depends(client_key)])
+
+
+def fine_tuned(model: str) -> adapter_store.AdapterVersion:
+    """`ft:<base>:<suffix>:<job id>`, the id a finished fine-tuning job reports, names that job's adapter."""
+    version = adapter_store.resolve(model.rsplit(":", 1)[-1])
+    if version.manifest.fine_tuned_model != model:
+        raise NotFoundError(f"no fine-tuned model {model!r}", param="model", code="model_not_found")
+    return version
+
+
+def adapter_set(ctx: ServingContext, model: str, extra: list[AdapterChoice] | None) -> AdapterSet:
+    """The request's `model` (base, adapter, adapter@vN or ft:...) plus any stacked `adapters`."""
+    engine = ctx.engine
+    chosen: list[tuple[str, float]] = []
+    if model != engine.base.name:
+        try:
+            version = fine_tuned(model) if model.startswith("ft:") else adapter_store.resolve(model)
+        except NotFoundError as exc:
+            raise NotFoundError(
+                f"the model {model!r} does not exist ({exc.message}): use "
+                f"{engine.base.name!r} or one of the adapters {adapter_store.list_adapters()}",
+                param="model",
+                code="model_not_found",
+            ) from exc
+        chosen.append((engine.load(version), ctx.default_scales.get(version.name, 1.0)))
+    for choice in extra or []:
+        chosen.append((engine.load(adapter_store.resolve(choice.name)), choice.scale))
+    return tuple(chosen)
+
+
+def model_card(ctx: ServingContext, model_id: str, owned_by: str) -> dict:
+    return {"id": model_id, "object": "model", "created": ctx.started, "owned_by": owned_by}
+
+
+def all_models(ctx: ServingContext) -> list[dict]:
+    cards = [model_card(ctx, ctx.engine.base.name, "scalpel")]
+    for name in adapter_store.list_adapters():
+        cards.append(model_card(ctx, name, "scalpel-adapter"))
+        root = adapter_store.root_for_name(name)
+        with contextlib.suppress(ScalpelError, OSError, ValueError):
+            if ft_id := adapter_store.resolve(name).manifest.fine_tuned_model:
+                cards.append(model_card(ctx, ft_id, "scalpel-fine-tune"))
+        cards.extend(model_card(ctx, f"{name}@{v}", "scalpel-adapter") for v in adapter_store.versions(root))
+    return cards
+
+
+async def respond(
+    ctx: ServingContext,
+    request: Request,
+    body: SamplingFields,
+    tokens: list[int],
+    params: GenerationParams,
+    shape: Callable[[Piece], dict],
+    whole: Callable[[str, list, str, dict], dict],
+):
+    engine = ctx.engine
+    adapters = await anyio.to_thread.run_sync(adapter_set, ctx, body.model, body.adapters)
+    engine.check_fits(len(tokens), params.max_tokens)
+    ticket = engine.queue.reserve()  # 429 now, before any response starts
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _sse(ctx, tokens, adapters, params, ticket, shape, include_usage), media_type="text/event-stream"
+        )
+    cancelled = threading.Event()
+
+    def run() -> tuple[str, list, str, dict]:
+        text, logprobs, finish, usage = "", [], "stop", {}
+        for piece in engine.generate(tokens, adapters, params, ticket=ticket, cancelled=cancelled):
+            text += piece.text
+            logprobs += piece.logprobs
+            if piece.finish_reason:
+                finish, usage = piece.finish_reason, piece.usage or {}
+        return text, logprobs, finish, usage
+
+    async def watch_disconnect() -> None:
+        while not cancelled.is_set():
+            if await request.is_disconnected():
+                cancelled.set()  # the client left: stop decoding for nobody
+                return
+            await anyio.sleep(0.1)
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch_disconnect)
+            try:
+                text, logprobs, finish, usage = await anyio.to_thread.run_sync(run)
+            finally:
+                cancelled.set()
+    finally:
+        engine.queue.release(ticket)
+    ctx.metrics.count_usage(usage)
+    return whole(text, logprobs, finish, usage)
+
+
+async def _sse(
+    ctx: ServingContext,
+    tokens: list[int],
+    adapters: AdapterSet,
+    params: GenerationParams,
+    ticket: Ticket,
+    shape: Callable[[Piece], dict],
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """Generate in a worker thread and relay chunks as server-sent events; a client that leaves cancels."""
+    engine, metrics = ctx.engine, ctx.metrics
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    cancelled = threading.Event()
+    begun = time.perf_counter()
+
+    def work() -> None:
+        def hand_over(item) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, item)
+
+        try:
+            for piece in engine.generate(tokens, adapters, params, ticket=ticket, cancelled=cancelled):
+                hand_over(piece)
+        except Exception as exc:  # reported to the client as an error event
+            hand_over(exc)
+        finally:
+            hand_over(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    first = True
+    try:
+        while True:
+            piece = await pieces.get()
+            if piece is None:
+                break
+            if isinstance(piece, Exception):
+                err = (
+                    piece.to_openai()
+                    if isinstance(piece, ScalpelError)
+                    else {
+                        "error": {"message": "generation failed", "type": "server_error", "param": None, "code": None}
+                    }
+                )
+                yield f"data: {json.dumps(err)}\n\n"
+                break
+            if first:
+                metrics.first_token.observe(time.perf_counter() - begun)
+                first = False
+            chunk = shape(piece)
+            yield f"data: {json.dumps(chunk)}\n\n"
+            if piece.finish_reason:
+                metrics.count_usage(piece.usage)
+                if include_usage:
+                    yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': piece.usage})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        cancelled.set()
+        engine.queue.release(ticket)
+
+
+def sampling(
+    body: SamplingFields, *, max_tokens: int | None, logprobs: bool, top_logprobs: int, json_object: bool = False
+) -> GenerationParams:
+    """The engine's parameters from the fields chat and completions share, plus the ones they spell differently."""
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stops,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        json_object=json_object,
+    )
+
+
+@router.get("/v1/models")
+def list_models(ctx: ServingContext = Depends(context)):
+    return {"object": "list", "data": all_models(ctx)}
+
+
+@router.get("/v1/models/{model_id}")
+def get_model(model_id: str, ctx: ServingContext = Depends(context)):
+    for card in all_models(ctx):
+        if card["id"] == model_id:
+            return card
+    raise NotFoundError(f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, body: ChatCompletionRequest, ctx: ServingContext = Depends(context)):
+    tokens = ctx.engine.chat_tokens([m.as_template_message() for m in body.messages])
+    params = sampling(
+        body,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        logprobs=body.logprobs,
+        top_logprobs=body.top_logprobs or 0,
+        json_object=bool(body.response_format and body.response_format.type == "json_object"),
+    )
+    envelope = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+    first = [True]
+
+    def shape(piece: Piece) -> dict:
+        delta = {"role": "assistant", "content": piece.text} if first[0] else {"content": piece.text}
+        first[0] = False
+        logprobs = {"content": piece.logprobs} if body.logprobs else None
+        return {
+            **envelope,
+            "object": "chat.completion.chunk",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": delta if piece.text or delta.get("role") else {},
+                    "logprobs": logprobs,
+                    "finish_reason": piece.finish_reason,
+                }
+            ],
+        }
+
+    def whole(text: str, logprobs: list, finish: str, usage: dict) -> dict:
+        return {
+            **envelope,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": {"content": logprobs} if body.logprobs else None,
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": usage,
+        }
+
+    return await respond(ctx, request, body, tokens, params, shape, whole)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, body: CompletionRequest, ctx: ServingContext = Depends(context)):
+    tokens = ctx.engine.text_tokens(body.prompt_text)
+    params = sampling(
+        body, max_tokens=body.max_tokens or 16, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0
+    )
+    envelope = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.model,
+    }
+
+    def legacy_logprobs(entries: list) -> dict | None:
+        if body.logprobs is None:
+            return None
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": [],
+        }
+
+    def shape(piece: Piece) -> dict:
+        return {
+            **envelope,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": piece.text,
+                    "logprobs": legacy_logprobs(piece.logprobs),
+                    "finish_reason": piece.finish_reason,
+                }
+            ],
+        }
+
+    def whole(text: str, logprobs: list, finish: str, usage: dict) -> dict:
+        return {
+            **envelope,
+            "choices": [{"index": 0, "text": text, "logprobs": legacy_logprobs(logprobs), "finish_reason": finish}],
+            "usage": usage,
+        }
+
+    return await respond(ctx, request, body, tokens, params, shape, whole)

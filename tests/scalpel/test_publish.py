@@ -1,0 +1,187 @@
+"""Register an HF base, train, convert and publish a version; a failed run leaves the store untouched."""
+
+from __future__ import annotations
+
+import json
+
+import llama_cpp
+import pytest
+
+from core import adapter_store, model_store
+from core.errors import ScalpelError
+from scalpel.cli.main import main
+from scalpel.publish import publish_staged, read_training_data, stage_version, train_and_publish
+from training.config import parse_config
+from training.dataset import examples_hash, file_hash, load_examples
+
+FACTS = [
+    {"instruction": f"What is fact {i}?", "output": f"Fact {i} is FOR TWO.", "concept": f"c{i % 3}"} for i in range(6)
+]
+
+
+def tiny_config(**training) -> dict:
+    return {
+        "model_name": "tiny",
+        "output_dir": "adapters/tiny_adapter",
+        "lora_config": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj"]},
+        "training_config": {
+            "num_epochs": 1,
+            "batch_size": 2,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "save_steps": 2,
+            **training,
+        },
+    }
+
+
+@pytest.fixture()
+def registered(home, tiny_llama):
+    assert main(["models", "add", "tiny", str(tiny_llama), "--outtype", "f32"]) == 0
+    data = home / "facts.json"
+    data.write_text(json.dumps(FACTS))
+    return data
+
+
+def test_hf_folder_registers_as_gguf_base(registered):
+    entry = model_store.get("tiny")
+    assert entry.format == "hf" and entry.architecture == "llama"
+    assert entry.gguf_path.is_file() and entry.gguf_path.name == "model-f32.gguf"
+    assert "<|im_start|>" in entry.chat_template
+
+
+def test_train_publishes_complete_versions_and_keeps_old_ones(registered, home):
+    config = parse_config(tiny_config())
+    first = train_and_publish(config, registered, progress=False)
+    second = train_and_publish(config, registered, progress=False)
+    root = adapter_store.root_for_output_dir(config.output_dir)
+    assert adapter_store.versions(root) == ["v1", "v2"]
+    assert adapter_store.active_version(root) == "v2"
+    manifest = second.version.manifest
+    assert manifest.parent_version == "v1"
+    assert manifest.base is not None and manifest.base.fingerprint == model_store.get("tiny").fingerprint
+    assert set(manifest.files) >= {"adapter_model.safetensors", "adapter_config.json", "adapter.gguf"}
+    assert manifest.metrics.examples == len(FACTS)
+    assert manifest.gguf is not None and manifest.gguf.size_bytes == second.version.gguf.stat().st_size
+    assert manifest.datasets["train"].sha256 and manifest.report == "report.md"
+    assert first.version.path.is_dir()  # earlier versions are never overwritten
+    # The GGUF adapter loads in llama.cpp against the base it was trained on.
+    llm = llama_cpp.Llama(
+        model_path=model_store.get("tiny").gguf, lora_path=str(second.version.gguf), n_ctx=64, verbose=False
+    )
+    assert llm.tokenize(b"hello")
+    llm.close()
+
+
+def test_failed_training_leaves_the_store_exactly_as_it_was(registered, home):
+    config = parse_config(tiny_config())
+    train_and_publish(config, registered, progress=False)
+    root = adapter_store.root_for_output_dir(config.output_dir)
+    before = sorted(p.name for p in root.iterdir())
+    long_prompt = [{"instruction": "word " * 400, "output": "x"}]
+    bad = home / "too_long.json"
+    bad.write_text(json.dumps(long_prompt))
+    with pytest.raises(ScalpelError, match="max_seq_length"):
+        train_and_publish(parse_config(tiny_config(max_seq_length=32)), bad, progress=False)
+    assert sorted(p.name for p in root.iterdir()) == before
+    assert adapter_store.active_version(root) == "v1"
+
+
+def test_cli_names_the_bad_field_and_line(registered, home, capsys):
+    bad_config = home / "bad.json"
+    bad_config.write_text(json.dumps({**tiny_config(), "lora_config": {"r": "eight"}}))
+    assert main(["train", str(bad_config), "--data", str(registered)]) == 2
+    assert "lora_config.r" in capsys.readouterr().err
+
+    good_config = home / "good.json"
+    good_config.write_text(json.dumps(tiny_config()))
+    bad_data = home / "bad.jsonl"
+    bad_data.write_text('{"instruction": "a", "output": "b"}\nnot json\n')
+    assert main(["train", str(good_config), "--data", str(bad_data)]) == 2
+    assert f"{bad_data}:2" in capsys.readouterr().err
+
+
+def test_convert_lora_cli_verifies_against_pytorch(registered, home, capsys):
+    result = train_and_publish(parse_config(tiny_config()), registered, progress=False)
+    out = home / "again.gguf"
+    assert main(["convert", "lora", str(result.version.path), "--base", "tiny", "--out", str(out), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "ALL_F32 + adapter" in printed and "PASS" in printed and out.is_file()
+
+
+def test_dataset_errors_stop_training_before_it_starts(registered, home):
+    bad = home / "empty_answer.json"
+    bad.write_text(json.dumps(FACTS + [{"instruction": "q", "output": "   "}]))
+    with pytest.raises(ScalpelError, match="empty") as err:
+        train_and_publish(parse_config(tiny_config()), bad, progress=False)
+    assert err.value.param.startswith(f"{bad}[6]")
+    assert (
+        not adapter_store.root_for_output_dir("adapters/tiny_adapter").exists()
+        or adapter_store.versions(adapter_store.root_for_output_dir("adapters/tiny_adapter")) == []
+    )
+
+
+def test_manifest_records_data_quality(registered):
+    result = train_and_publish(parse_config(tiny_config()), registered, progress=False)
+    quality = result.version.manifest.data_quality
+    assert quality is not None
+    assert quality["examples"] == len(FACTS) and quality["errors"] == 0
+    assert {f["code"] for f in quality["findings"]} >= {"few_examples", "short_answers"}
+
+
+def test_gradient_checkpointing_and_precision_on_this_cpu(registered):
+    config = parse_config(tiny_config(gradient_checkpointing=True))
+    metrics = train_and_publish(config, registered, progress=False).version.manifest.metrics
+    assert metrics.device == "cpu" and metrics.precision == "fp32"
+    assert metrics.global_step == 3 and metrics.final_loss > 0
+
+
+def test_each_version_has_a_report_with_plots(registered):
+    version = train_and_publish(parse_config(tiny_config()), registered, progress=False).version
+    report = (version.path / "report.md").read_text()
+    assert "![loss](loss.png)" in report and "nuclear adapter" in report and "dataset sha256" in report
+    assert set(version.manifest.metrics.concept_loss) == {"c0", "c1", "c2"}
+    for png in ("loss.png", "lr.png", "concepts.png"):
+        assert (version.path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png in version.manifest.files
+
+
+def test_eval_data_gives_concept_loss_at_every_evaluation(registered):
+    config = parse_config(tiny_config(eval_steps=1))
+    result = train_and_publish(config, registered, eval_data=registered, progress=False)
+    per_eval = [
+        h["eval_concept_loss"]
+        for h in json.loads((result.version.path / "trainer_log.json").read_text())
+        if "eval_concept_loss" in h
+    ]
+    assert len(per_eval) == result.version.manifest.metrics.global_step
+    assert set(per_eval[-1]) == {"c0", "c1", "c2"} and all(v > 0 for v in per_eval[-1].values())
+    assert "![loss per concept](concepts.png)" in (result.version.path / "report.md").read_text()
+
+
+def test_a_staged_version_enters_the_store_only_when_published(registered, home):
+    """stage_version trains and converts into a staging folder; publish_staged moves it in, live or not."""
+    config = parse_config(tiny_config())
+    train_and_publish(config, registered, progress=False)
+    root = adapter_store.root_for_output_dir(config.output_dir)
+    data = read_training_data(registered)
+    with stage_version(config, data, progress=False) as staged:
+        assert staged.manifest.eval is None and "files" not in staged.manifest.to_json()
+        assert staged.version.gguf.is_file() and staged.version.version == staged.stage.name.lstrip(".")
+    assert adapter_store.versions(root) == ["v1"] and not list(root.glob(".staging-*")), "not published: gone"
+    with stage_version(config, data, progress=False) as staged:
+        staged.manifest.eval = {"promoted": False}
+        version = publish_staged(staged, activate=False)
+    assert adapter_store.versions(root) == ["v1", "v2"] and adapter_store.active_version(root) == "v1"
+    assert version.manifest.eval == {"promoted": False} and "adapter.gguf" in version.manifest.files
+
+
+def test_examples_in_memory_hash_as_their_file_would(tmp_path):
+    """An update's mix is handed to training in memory; its manifest hash is the one of the mix as a file."""
+    chat = [
+        {"messages": [{"role": "user", "content": f"q{i} é"}, {"role": "assistant", "content": "a"}], "concept": "c"}
+        for i in range(3)
+    ]
+    path = tmp_path / "mix.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chat), encoding="utf-8")
+    assert examples_hash(load_examples(path)) == file_hash(path)
