@@ -76,10 +76,10 @@ def _arm(ours: bool, steps: int, batch_size: int, accumulation: int, data: str, 
     from training.config import TrainingSettings
     from training.trainer import (
         AnswerLogitsTrainer,
-        PadCollator,
         TokenizedDataset,
         micro_batching,
         pack_collator,
+        pad_collator,
     )
 
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def _arm(ours: bool, steps: int, batch_size: int, accumulation: int, data: str, 
             max(len(r["input_ids"]) for r in rows),
         )
         micro, accumulate = batching.micro, batching.accumulate
-        collator = pack_collator() if batching.packed else PadCollator(tokenizer.pad_token_id)
+        collator = pack_collator() if batching.packed else pad_collator(tokenizer)
         grouped = not batching.packed and micro > 1
         how = "packed" if batching.packed else "grouped by length" if grouped else "one per pass"
     args = transformers.TrainingArguments(

@@ -92,10 +92,23 @@ def layout_from_gguf(path: Path) -> BaseLayout:
 
 
 def read_hf_config(folder: Path) -> dict:
+    """config.json as a dict; a missing, binary, non-JSON or non-object file is a ScalpelError naming it."""
     f = Path(folder) / "config.json"
     if not f.is_file():
         raise ScalpelError(f"{folder} has no config.json: not a Hugging Face model folder", param=str(folder))
-    return json.loads(f.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(f.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ScalpelError(f"{f}: config.json is not UTF-8 text (byte {exc.start})", param="config.json") from exc
+    except json.JSONDecodeError as exc:
+        raise ScalpelError(
+            f"{f}:{exc.lineno}:{exc.colno}: config.json is not valid JSON: {exc.msg}", param="config.json"
+        ) from exc
+    except OSError as exc:
+        raise ScalpelError(f"{f}: cannot read config.json ({exc.strerror})", param="config.json") from exc
+    if not isinstance(data, dict):
+        raise ScalpelError(f"{f}: config.json must be a JSON object, not {type(data).__name__}", param="config.json")
+    return data
 
 
 def hf_arch(config: dict) -> gguf.MODEL_ARCH:
@@ -104,8 +117,9 @@ def hf_arch(config: dict) -> gguf.MODEL_ARCH:
         if name in HF_ARCHITECTURES:
             return HF_ARCHITECTURES[name]
     raise ScalpelError(
-        f"unsupported architecture {names or config.get('model_type')!r}; supported: {sorted(HF_ARCHITECTURES)}",
-        param="architectures",
+        f"config.json: architectures: {names or config.get('model_type')!r} is not supported; "
+        f"supported: {sorted(HF_ARCHITECTURES)}",
+        param="config.json: architectures",
         code="unsupported_architecture",
     )
 
@@ -113,12 +127,12 @@ def hf_arch(config: dict) -> gguf.MODEL_ARCH:
 def layout_from_hf_config(config: dict, source: str = "config.json") -> BaseLayout:
     """Shapes computed from config.json alone, so no weights are needed."""
     arch = hf_arch(config)
-    hidden = config["hidden_size"]
-    n_head = config["num_attention_heads"]
-    n_head_kv = config.get("num_key_value_heads") or n_head
+    hidden, n_head, ffn, n_layers, _ = (
+        _positive(config, key)
+        for key in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "vocab_size")
+    )
+    n_head_kv = _positive(config, "num_key_value_heads") if config.get("num_key_value_heads") else n_head
     head_dim = config.get("head_dim") or hidden // n_head
-    ffn = config["intermediate_size"]
-    n_layers = config["num_hidden_layers"]
     per_layer = {
         "attn_q": (n_head * head_dim, hidden),
         "attn_k": (n_head_kv * head_dim, hidden),
@@ -131,6 +145,15 @@ def layout_from_hf_config(config: dict, source: str = "config.json") -> BaseLayo
     shapes = {f"blk.{i}.{t}.weight": s for i in range(n_layers) for t, s in per_layer.items()}
     shapes["token_embd.weight"] = (config["vocab_size"], hidden)
     return BaseLayout(arch=arch, n_layers=n_layers, n_head=n_head, n_head_kv=n_head_kv, shapes=shapes, source=source)
+
+
+def _positive(config: dict, key: str) -> int:
+    """A size config.json must give, as a positive integer; anything else is an error naming the field."""
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        problem = "is missing" if value is None else f"must be a positive integer, not {value!r}"
+        raise ScalpelError(f"config.json: {key} {problem}", param=f"config.json: {key}", code="invalid_config")
+    return value
 
 
 def layout_for(path: Path) -> BaseLayout:

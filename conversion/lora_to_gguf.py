@@ -104,9 +104,17 @@ def _load_pairs(adapter_dir: Path) -> dict[str, dict[str, np.ndarray]]:
 
 
 def convert_lora(
-    adapter_dir: Path, base: BaseLayout, out_path: Path, *, outtype: str = "f32", metadata: dict[str, str] | None = None
+    adapter_dir: Path,
+    base: BaseLayout,
+    out_path: Path,
+    *,
+    outtype: str = "f32",
+    metadata: dict[str, str] | None = None,
+    dry_run: bool = False,
 ) -> LoraConversion:
-    """Write `out_path` atomically; every lora_B carries the permutation and scale the base needs."""
+    """Write `out_path` atomically; every lora_B carries the permutation and scale the base needs.
+
+    `dry_run` checks the adapter against the base and sizes the file without writing it."""
     if outtype not in OUTTYPES:
         raise ScalpelError(f"unsupported outtype {outtype!r}; choose from {sorted(OUTTYPES)}", param="outtype")
     adapter_dir = Path(adapter_dir)
@@ -147,6 +155,9 @@ def convert_lora(
         tensors.append((f"{name}.weight.lora_a", a))
         tensors.append((f"{name}.weight.lora_b", base.permute_rows(b, name)))
 
+    if dry_run:
+        n_bytes = sum(encode(data, choose_type(data.shape, outtype)).nbytes for _, data in tensors)
+        return LoraConversion(Path(out_path), alpha=gguf_alpha, rank=first_rank, n_modules=len(pairs), n_bytes=n_bytes)
     writer_meta = metadata or {}
     with temporary_path(Path(out_path)) as tmp:
         writer = gguf.GGUFWriter(str(tmp), base.arch_name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,13 +15,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from core import paths
-from core.atomic import write_json
+from core.atomic import sha256_file, write_json
 from core.errors import ConflictError, NotFoundError, ScalpelError
 from core.manifest import MANIFEST_NAME, Manifest, read_manifest
 
+log = logging.getLogger("scalpel.store")
 VERSION_PATTERN = re.compile(r"^v([1-9][0-9]*)$")
 GGUF_NAME = "adapter.gguf"
 ACTIVE_NAME = "active.json"
+ACTIVATIONS_NAME = "activations.jsonl"  # every switch of the pointer, one JSON line each, never rewritten
+
+
+class StoreDamage(ConflictError):
+    """A store entry that cannot be used as it is on disk (empty or invalid file, missing file, wrong hash).
+
+    Only that adapter is unavailable; `scalpel adapters check` reports it and repairs what it can."""
+
+    def __init__(self, message: str, *, param: str | None = "model", code: str | None = "adapter_damaged"):
+        super().__init__(message, param=param, code=code)
 
 
 @dataclass(frozen=True)
@@ -35,8 +47,12 @@ class AdapterVersion:
 
     @property
     def manifest(self) -> Manifest:
-        """Read from disk on every access (a version's manifest never changes once published): keep the result."""
-        return read_manifest(self.path / MANIFEST_NAME)
+        """Read from disk on every access (a version's manifest never changes once published): keep the result.
+        A damaged manifest is the store's fault, not the request's: StoreDamage (409)."""
+        try:
+            return read_manifest(self.path / MANIFEST_NAME)
+        except ScalpelError as exc:
+            raise StoreDamage(exc.message, param=exc.param, code=exc.code) from exc
 
     @property
     def ref(self) -> str:
@@ -45,7 +61,7 @@ class AdapterVersion:
 
 def root_for_output_dir(output_dir: str) -> Path:
     """A config's output_dir is the adapter's folder; relative paths start at SCALPEL_HOME."""
-    root = Path(output_dir).expanduser()
+    root = Path(paths.check_path_text(output_dir, "output_dir")).expanduser()
     if not root.is_absolute():
         root = paths.home() / root
     root = root.resolve()
@@ -68,19 +84,42 @@ def versions(root: Path) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def active_version(root: Path) -> str | None:
+def _read_active(root: Path) -> dict | None:
+    """active.json as written by set_active; None when there is none, StoreDamage when it cannot be used."""
     f = root / ACTIVE_NAME
     if not f.is_file():
         return None
-    return json.loads(f.read_text(encoding="utf-8"))["version"]
+    shown = paths.shown(f)
+    try:
+        data = json.loads(f.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        detail = "it is empty" if f.stat().st_size == 0 else f"it is not valid JSON ({type(exc).__name__})"
+        raise StoreDamage(f"{shown}: {detail}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("version"), str):
+        raise StoreDamage(f'{shown}: it must be a JSON object with a "version" string')
+    history = data.get("history")
+    if history is not None and not (
+        isinstance(history, list) and all(isinstance(h, dict) and isinstance(h.get("version"), str) for h in history)
+    ):
+        raise StoreDamage(f'{shown}: "history" must be a list of {{"version": ...}} objects')
+    return data
+
+
+def active_version(root: Path) -> str | None:
+    """The live version, or None when the name has none; StoreDamage when the pointer is unusable."""
+    data = _read_active(root)
+    if data is None:
+        return None
+    if data["version"] not in versions(root):
+        raise StoreDamage(f"{paths.shown(root / ACTIVE_NAME)}: it points at {data['version']!r}, which is not stored")
+    return data["version"]
 
 
 def activation_history(root: Path) -> list[dict]:
     """Every switch of the active pointer, oldest first: {version, at, reason}."""
-    f = root / ACTIVE_NAME
-    if not f.is_file():
+    data = _read_active(root)
+    if data is None:
         return []
-    data = json.loads(f.read_text(encoding="utf-8"))
     return data.get("history") or [{"version": data["version"], "at": data.get("updated_at"), "reason": None}]
 
 
@@ -89,7 +128,15 @@ def set_active(root: Path, version: str, reason: str = "published") -> None:
     if version not in versions(root):
         raise NotFoundError(f"adapter {root.name!r} has no version {version}", param="version")
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    history = activation_history(root) + [{"version": version, "at": now, "reason": reason}]
+    try:
+        earlier = activation_history(root)
+    except StoreDamage:  # a damaged pointer is replaced (that is how `scalpel adapters check --repair` heals it)
+        earlier = []
+    switch = {"version": version, "at": now, "reason": reason}
+    history = earlier + [switch]
+    # A second record of every switch, appended, so a damaged active.json can be rebuilt from it.
+    with (root / ACTIVATIONS_NAME).open("a", encoding="utf-8") as log_file:
+        log_file.write(json.dumps(switch) + "\n")
     write_json(root / ACTIVE_NAME, {"version": version, "updated_at": now, "history": history[-200:]})
 
 
@@ -219,16 +266,90 @@ def resolve(ref: str) -> AdapterVersion:
         version = live
     found = AdapterVersion(name, version, root / version)
     if not found.gguf.is_file():
-        raise ScalpelError(f"adapter {found.ref} has no {GGUF_NAME}", param="model", code="adapter_incomplete")
+        raise StoreDamage(f"{found.ref} is damaged: {paths.shown(found.gguf)} is missing")
     return found
 
 
-def list_adapters() -> list[str]:
+def entries() -> list[str]:
+    """Every adapter name with a folder in the store, usable or not."""
     root = paths.adapters_dir()
     if not root.is_dir():
         return []
     return sorted(
-        p.name
-        for p in root.iterdir()
-        if p.is_dir() and paths.NAME_PATTERN.match(p.name) and active_version(p) is not None
+        p.name for p in root.iterdir() if p.is_dir() and paths.NAME_PATTERN.match(p.name) and ".." not in p.name
     )
+
+
+def list_adapters() -> list[str]:
+    """The adapters that can be served: a live version whose pointer, manifest and files are intact.
+    A damaged one is left out, with a log line; see problems()."""
+    return [name for name in entries() if not problems(name)]
+
+
+NO_LIVE_VERSION = "no live version"
+
+
+_reported: dict[str, list[str]] = {}  # name -> the problems last logged, so each change is logged once
+
+
+def problems(name: str) -> list[str]:
+    """What keeps `name` from being served (empty when nothing does): the pointer, then the live version.
+    Each new finding is logged once."""
+    root = root_for_name(name)
+    try:
+        live = active_version(root)
+        found = [NO_LIVE_VERSION] if live is None else version_problems(AdapterVersion(name, live, root / live))
+    except StoreDamage as exc:
+        found = [exc.message]
+    if found != _reported.get(name, []) and found != [NO_LIVE_VERSION]:
+        if found:
+            log.warning("adapter %s is unavailable: %s", name, "; ".join(found))
+        else:
+            log.info("adapter %s is available again", name)
+    _reported[name] = found
+    return found
+
+
+def version_problems(version: AdapterVersion) -> list[str]:
+    """A version's own damage: its manifest, and every file the manifest lists (present, with its sha256)."""
+    try:
+        manifest = version.manifest
+    except StoreDamage as exc:
+        return [exc.message]
+    found = []
+    if not version.gguf.is_file():
+        found.append(f"{paths.shown(version.gguf)} is missing")
+    for relative, expected in sorted(manifest.files.items()):
+        if relative == MANIFEST_NAME:  # sealed before the manifest's final write: it cannot hash itself
+            continue
+        f = version.path / relative
+        if not f.is_file():
+            found.append(f"{paths.shown(f)} is missing")
+        elif file_sha256(f) != expected:
+            found.append(f"{paths.shown(f)}: its sha256 does not match the manifest's")
+    return found
+
+
+def verify(version: AdapterVersion) -> None:
+    """Refuse a stored version whose manifest or files are damaged (StoreDamage), before anything loads it.
+    A candidate still being staged (an update evaluates it before publishing) has no sealed manifest yet."""
+    if not VERSION_PATTERN.match(version.version):
+        return
+    found = version_problems(version)
+    if found:
+        log.warning("adapter %s refused: %s", version.ref, "; ".join(found))
+        raise StoreDamage(f"{version.ref} is damaged: {'; '.join(found)}")
+
+
+_digests: dict[Path, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256): hashed again on a change
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256, remembered until its size or modification time changes."""
+    stat = path.stat()
+    cached = _digests.get(path)
+    if cached and cached[:2] == (stat.st_size, stat.st_mtime_ns):
+        return cached[2]
+    digest = sha256_file(path)
+    _digests[path] = (stat.st_size, stat.st_mtime_ns, digest)
+    return digest

@@ -18,6 +18,9 @@ from core.errors import ConflictError, NotFoundError
 FINAL = ("succeeded", "failed", "cancelled")
 STATUSES = ("queued", "running") + FINAL
 
+# The first shape of the database (user_version 0 or 1): stores made before the schema had a version have
+# exactly these tables. Later changes are MIGRATIONS, applied in order, each in one transaction; the file's
+# PRAGMA user_version says which it has.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -64,6 +67,15 @@ CREATE TABLE IF NOT EXISTS files (
 );
 """
 
+MIGRATIONS: dict[int, str] = {
+    # 2: the job list (newest first, by status) reads an index instead of scanning every job
+    2: "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status, created_at);",
+    # 3, 4: who submitted a job or uploaded a file (a digest of the Bearer key), for per-key limits
+    3: "ALTER TABLE jobs ADD COLUMN owner TEXT;",
+    4: "ALTER TABLE files ADD COLUMN owner TEXT;",
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
 _JSON_FIELDS = ("config", "hyperparameters", "result", "error")
 
 
@@ -91,6 +103,7 @@ class Job:
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    owner: str | None = None  # a digest of the submitter's key (serving.auth.Caller.owner), never the key
 
     @property
     def final(self) -> bool:
@@ -117,6 +130,7 @@ class StoredFile:
     examples: int
     path: str
     created_at: float
+    owner: str | None = None
 
 
 def job_dir(job_id: str) -> Path:
@@ -139,7 +153,40 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+            self._migrate(db)
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring the file to SCHEMA_VERSION; several processes may open it at once, so each step re-reads the
+        version inside its own write transaction."""
+        while True:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise ConflictError(
+                        f"the job database {self.path.name} has schema version {version}, newer than this "
+                        f"scalpel knows ({SCHEMA_VERSION}): upgrade scalpel",
+                        code="job_store_too_new",
+                    )
+                if version == SCHEMA_VERSION:
+                    db.execute("COMMIT")
+                    return
+                if version == 0:  # a new file, or one from before the schema had a version
+                    for statement in SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute("PRAGMA user_version = 1")
+                else:
+                    db.execute(MIGRATIONS[version + 1])
+                    db.execute(f"PRAGMA user_version = {version + 1}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def schema_version(self) -> int:
+        with self._db() as db:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -277,9 +324,9 @@ class JobStore:
     def add_file(self, f: StoredFile) -> StoredFile:
         with self._db() as db:
             db.execute(
-                "INSERT INTO files (id, filename, purpose, bytes, examples, path, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (f.id, f.filename, f.purpose, f.bytes, f.examples, f.path, f.created_at),
+                "INSERT INTO files (id, filename, purpose, bytes, examples, path, created_at, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (f.id, f.filename, f.purpose, f.bytes, f.examples, f.path, f.created_at, f.owner),
             )
         return f
 
@@ -296,6 +343,22 @@ class JobStore:
             query, args = query + " WHERE purpose = ?", (purpose,)
         with self._db() as db:
             return [StoredFile(**dict(r)) for r in db.execute(query + " ORDER BY rowid DESC", args).fetchall()]
+
+    def set_owner(self, *, job_id: str | None = None, file_id: str | None = None, owner: str | None) -> None:
+        with self._db() as db:
+            if job_id:
+                db.execute("UPDATE jobs SET owner = ? WHERE id = ?", (owner, job_id))
+            if file_id:
+                db.execute("UPDATE files SET owner = ? WHERE id = ?", (owner, file_id))
+
+    def owned(self, owner: str | None) -> tuple[int, int]:
+        """(jobs queued or running, bytes of files stored) that `owner` submitted: what its limits count."""
+        with self._db() as db:
+            jobs = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE owner IS ? AND status IN ('queued', 'running')", (owner,)
+            ).fetchone()[0]
+            stored = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner IS ?", (owner,)).fetchone()[0]
+        return int(jobs), int(stored)
 
     def delete_file(self, file_id: str) -> StoredFile:
         found = self.get_file(file_id)

@@ -53,7 +53,8 @@ class Metrics(_Part):
     final_loss: float | None = None
     global_step: int | None = None
     examples: int | None = None
-    tokens: int | None = None
+    tokens: int | None = None  # in one epoch
+    tokens_trained: int | None = None  # that the optimizer steps went through (a step cap counts)
     truncated_examples: int | None = None
     train_seconds: float | None = None
     convert_seconds: float | None = None

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tqdm.auto import tqdm
 
 from core import paths
 from core.atomic import read_json, write_json
@@ -107,9 +108,11 @@ class SuiteResult:
         return {"name": self.name, "accuracy": self.accuracy, "per_concept": self.per_concept, "answers": self.answers}
 
 
-def run_suite(engine: Engine, adapters: AdapterSet, items: list[EvalItem], name: str) -> SuiteResult:
+def run_suite(
+    engine: Engine, adapters: AdapterSet, items: list[EvalItem], name: str, *, progress: bool = False
+) -> SuiteResult:
     answers = []
-    for item in items:
+    for item in tqdm(items, desc=f"suite {name}", unit="question", disable=not progress, leave=False):
         answer = ask(engine, adapters, item.question)
         answers.append(
             {"question": item.question, "concept": item.concept, "answer": answer, "passed": item.passes(answer)}
@@ -120,7 +123,7 @@ def run_suite(engine: Engine, adapters: AdapterSet, items: list[EvalItem], name:
 # ----- base regression -----
 
 
-def base_reference(engine: Engine, prompts: list[str] | None = None) -> list[dict]:
+def base_reference(engine: Engine, prompts: list[str] | None = None, *, progress: bool = False) -> list[dict]:
     """The bare base's greedy answers to the general prompts, recorded once per base and cached.
 
     With each answer, `base_choices`: the base's own pick at every answer position when the answer is
@@ -137,7 +140,9 @@ def base_reference(engine: Engine, prompts: list[str] | None = None) -> list[dic
     if cache.is_file():
         return json.loads(cache.read_text(encoding="utf-8"))
     reference = []
-    for prompt in prompts:
+    for prompt in tqdm(
+        prompts, desc="base reference (once per base)", unit="prompt", disable=not progress, leave=False
+    ):
         answer, ids = _generate(engine, (), prompt, ANSWER_TOKENS)
         choices, margins = _answer_choices(engine, (), prompt, ids) if ids else ([], [])
         reference.append(
@@ -178,10 +183,10 @@ class BaseRegression:
 
 
 def base_regression(
-    engine: Engine, adapters: AdapterSet, reference: list[dict], text: str | None = None
+    engine: Engine, adapters: AdapterSet, reference: list[dict], text: str | None = None, *, progress: bool = False
 ) -> BaseRegression:
     hits, decided, per_prompt = [], [], []
-    for ref in reference:
+    for ref in tqdm(reference, desc="base regression", unit="prompt", disable=not progress, leave=False):
         if not ref["answer_ids"]:
             continue
         base_choices = ref["base_choices"]  # scored the same way (see base_reference)
@@ -263,13 +268,15 @@ class EvalReport:
             values.append(self.base.agreement * 100)
             colors.append("grey")
         fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels) + 2), 4.5))
-        ax.bar(range(len(values)), values, color=colors)
+        bars = ax.bar(range(len(values)), values, color=colors, edgecolor="black", linewidth=0.6)
+        # A 0% bar has no height: its value is written on it, so no concept disappears from the picture.
+        ax.bar_label(bars, labels=[f"{v:.0f}%" for v in values], fontsize=7, padding=2)
         ax.axhline(95, color="red", linestyle="--", linewidth=1, label="95% gate")
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
-        ax.set_ylim(0, 105)
+        ax.set_ylim(0, 110)  # room above the 100% bars for their labels
         ax.set_ylabel("% passed")
         ax.set_title(f"Evaluation of {self.ref}")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the plot, over no bar
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -277,8 +284,19 @@ class EvalReport:
 
 
 def evaluate(
-    engine: Engine, adapters: AdapterSet, suites: dict[str, list[EvalItem]], ref: str, *, regression: bool = True
+    engine: Engine,
+    adapters: AdapterSet,
+    suites: dict[str, list[EvalItem]],
+    ref: str,
+    *,
+    regression: bool = True,
+    progress: bool = False,
 ) -> EvalReport:
-    results = [run_suite(engine, adapters, items, name) for name, items in suites.items()]
-    base = base_regression(engine, adapters, base_reference(engine)) if regression else None
+    """Every suite, then base regression; with `progress`, a bar per step on stderr."""
+    results = [run_suite(engine, adapters, items, name, progress=progress) for name, items in suites.items()]
+    base = (
+        base_regression(engine, adapters, base_reference(engine, progress=progress), progress=progress)
+        if regression
+        else None
+    )
     return EvalReport(ref, results, base)

@@ -11,7 +11,7 @@ import contextlib
 import resource
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -180,6 +180,7 @@ def stage_version(
             "examples": result.n_examples,
             "tokens": result.n_tokens,
             "truncated_examples": result.n_truncated,
+            "tokens_trained": result.tokens_trained,
             "train_seconds": result.seconds,
             "convert_seconds": convert_seconds,
             "concepts": result.concepts,
@@ -215,6 +216,9 @@ def stage_version(
                 examples=result.n_examples,
                 tokens=result.n_tokens,
                 seconds=result.seconds,
+                train_seconds=result.train_seconds,
+                tokens_trained=result.tokens_trained,
+                learning_rates=result.learning_rates,
                 peak_rss_mb=_peak_rss_mb(),
                 adapter_mb=conversion.path.stat().st_size / 1e6,
                 nuclear_mb=_nuclear_mb(layout),
@@ -262,6 +266,7 @@ def train_and_publish(
     init_adapter: Path | None = None,
     keep_files: dict[str, Path] | None = None,
     eval_suites: tuple[Path, ...] = (),
+    on_warnings: Callable[[list[Finding]], None] | None = None,
 ) -> PipelineResult:
     """Train on a file and publish the result as the new live version (`scalpel train`, training jobs).
 
@@ -272,6 +277,8 @@ def train_and_publish(
     paths.enforce_offline()
     model_store.get(model or config.model_name)  # an unknown base is reported before the data is read
     training_data = read_training_data(data, eval_data, keep_files, eval_suites)
+    if on_warnings is not None and training_data.quality.warnings:
+        on_warnings(training_data.quality.warnings)  # before the work they are about, not after it
     with stage_version(
         config,
         training_data,

@@ -11,9 +11,11 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core import adapter_store, model_store
+from core.errors import ScalpelError
 from core.job_store import JobStore
 from scalpel.jobs.routes import served_jobs
 from scalpel.jobs.runner import JobRunner, RunnerSettings
+from scalpel.ui.routes import ui_router
 from serving.app import DEFAULT_ROUTERS, create_app
 from serving.engine import Engine
 from serving.settings import AppSettings, EngineSettings
@@ -36,10 +38,26 @@ class ServeSettings(BaseSettings, EngineSettings, AppSettings):
     training_data: str | None = None
     max_concurrent_jobs: int = Field(RunnerSettings.max_concurrent, ge=1)
 
-    def keys(self) -> frozenset[str]:
-        keys = set(self.api_keys)
+    def keys(self, role: str = "client") -> frozenset[str]:
+        """The keys of one role: from the flags/env (api_keys, admin_keys) and the key file, where a line is
+        `admin:KEY`, `client:KEY` or a bare KEY (a client key); blank lines and `#` comments are skipped."""
+        keys = set(self.api_keys if role == "client" else self.admin_keys)
         if self.api_key_file:
-            keys |= {line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()}
+            try:
+                lines = self.api_key_file.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ScalpelError(
+                    f"{self.api_key_file}: cannot read the key file ({type(exc).__name__})", param="api_key_file"
+                ) from exc
+            for line in (raw.strip() for raw in lines):
+                if not line or line.startswith("#"):
+                    continue
+                marked, _, key = line.partition(":")
+                if marked in ("admin", "client") and key.strip():
+                    if marked == role:
+                        keys.add(key.strip())
+                elif role == "client":
+                    keys.add(line)
         return frozenset(keys)
 
     def engine_settings(self) -> EngineSettings:
@@ -47,7 +65,7 @@ class ServeSettings(BaseSettings, EngineSettings, AppSettings):
 
     def app_settings(self) -> AppSettings:
         fields = {name: getattr(self, name) for name in AppSettings.model_fields}
-        return AppSettings(**{**fields, "api_keys": self.keys()})
+        return AppSettings(**{**fields, "api_keys": self.keys("client"), "admin_keys": self.keys("admin")})
 
 
 def build(settings: ServeSettings) -> tuple[Engine, FastAPI]:
@@ -56,9 +74,8 @@ def build(settings: ServeSettings) -> tuple[Engine, FastAPI]:
         engine.load(adapter_store.resolve(name))
     runner = JobRunner(JobStore(), RunnerSettings(max_concurrent=settings.max_concurrent_jobs))
     jobs_router, jobs_lifespan = served_jobs(runner, default_dataset=settings.training_data)
-    app = create_app(
-        engine, settings.app_settings(), routers=(*DEFAULT_ROUTERS, jobs_router), lifespans=(jobs_lifespan,)
-    )
+    routers = (*DEFAULT_ROUTERS, jobs_router, ui_router(runner.store))  # ui: the dashboard at /ui
+    app = create_app(engine, settings.app_settings(), routers=routers, lifespans=(jobs_lifespan,))
     return engine, app
 
 
@@ -69,6 +86,7 @@ def serve(settings: ServeSettings) -> None:
         "serving %s on http://%s:%d/v1 with %d threads", engine.base.name, settings.host, settings.port, engine.threads
     )
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        # access_log off: the middleware writes the one access line per request, as JSON (with its status)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
     finally:
         engine.close()

@@ -538,7 +538,9 @@ class EveningUpdate:
         self.log(f"evaluating the new version through llama.cpp: {len(self.suites)} suite(s) and base regression")
         ref = self.engine.load(staged.version)
         try:
-            report = evaluate.evaluate(self.engine, ((ref, 1.0),), self.suites, f"{self.name}@next")
+            report = evaluate.evaluate(
+                self.engine, ((ref, 1.0),), self.suites, f"{self.name}@next", progress=self.progress
+            )
         finally:
             self.engine.unload(ref)  # a rejected candidate is not served; the next one is staged afresh
         report.plot(staged.stage / "eval.png")

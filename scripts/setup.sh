@@ -40,6 +40,17 @@ install_llama() {
     echo "$KEY" > .venv/.llama-build
 }
 
+# The dashboard's browser tests (tests/scalpel/test_ui.py) drive the system's Chromium. Installed only as
+# root on apt systems when it is missing; elsewhere nothing happens and those tests skip, saying why.
+install_browser() {
+    command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && return 0
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || return 0
+    echo "scalpel setup: installing chromium and chromium-driver for the dashboard's browser tests"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+        >/dev/null 2>&1 || echo "scalpel setup: could not install chromium (the browser tests will skip)"
+}
+install_browser
+
 if [ "$(cat .venv/.installed 2>/dev/null)" = "$STAMP" ] && $BUILD check; then
     exit 0  # installed with these files and these flags, and the build checks out
 fi

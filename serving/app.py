@@ -14,6 +14,7 @@ from serving.context import ServingContext
 from serving.engine import Engine
 from serving.metrics import Metrics
 from serving.middleware import Guard, install_error_handlers
+from serving.openapi import install_openapi
 from serving.settings import AppSettings
 
 # What a bare app serves: OpenAI's routes, the plan's adapter routes, /health and /metrics. The top
@@ -47,4 +48,5 @@ def create_app(
     app.add_middleware(Guard, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     for router in routers:
         app.include_router(router)
+    install_openapi(app, routers)
     return app

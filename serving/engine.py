@@ -57,6 +57,7 @@ class Scores:
 
 
 AdapterSet = tuple[tuple[str, float], ...]  # ((adapter ref "name@vN", scale), ...)
+PROBE_PROMPT = "Hello, world."  # evaluated with every adapter as it loads: its logits must be finite
 
 
 class Engine:
@@ -99,6 +100,7 @@ class Engine:
         """Load one stored adapter version (idempotent); refuse a corrupt file or another base's adapter."""
         if version.ref in self._loaded:
             return version.ref
+        adapter_store.verify(version)  # the manifest's hashes (cached until a file's size or mtime changes)
         info = read_gguf(version.gguf, with_tokens=False)
         if info.file_type != "adapter" or info.metadata.get("adapter.type") != "lora":
             raise ScalpelError(
@@ -124,6 +126,26 @@ class Engine:
             raise ScalpelError(f"llama.cpp could not load {version.ref}", param="model", code="invalid_adapter")
         self._loaded[version.ref] = pointer
         self._versions[version.ref] = version
+        if not self._probe_finite(version.ref):
+            del self._loaded[version.ref], self._versions[version.ref]
+            llama_cpp.llama_adapter_lora_free(pointer)
+            raise ConflictError(
+                f"{version.ref} gives non-finite logits (NaN or infinity) on a probe prompt: its weights are damaged",
+                param="model",
+                code="adapter_not_finite",
+            )
+
+    def _probe_finite(self, ref: str) -> bool:
+        """Evaluate a short prompt with the adapter alone and check every logit is finite. Lock held."""
+        self._set_adapters(((ref, 1.0),))
+        try:
+            self.llm.eval(self.text_tokens(PROBE_PROMPT))
+            n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
+            return bool(np.isfinite(logits).all())
+        finally:
+            self.llm.reset()
+            self._set_adapters(())  # the next request applies its own set
 
     def unload(self, ref: str) -> None:
         with self._lock:

@@ -12,17 +12,20 @@ from collections.abc import AsyncIterator, Callable
 
 import anyio
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from core import adapter_store
 from core.errors import NotFoundError, ScalpelError
 from serving.auth import client_key
 from serving.context import ServingContext, context
 from serving.engine import AdapterSet, GenerationParams, Piece
+from serving.openapi import ModelCard, ModelList
 from serving.queue import Ticket
+from serving.responses import EVENT_STREAM, ChatCompletion, Completion
 from serving.schemas import AdapterChoice, ChatCompletionRequest, CompletionRequest, SamplingFields
 
 router = APIRouter(dependencies=[Depends(client_key)])
+PING_SECONDS = 15  # an SSE comment this often keeps proxies from closing a stream that waits for its turn
 
 
 def fine_tuned(model: str) -> adapter_store.AdapterVersion:
@@ -84,9 +87,7 @@ async def respond(
     ticket = engine.queue.reserve()  # 429 now, before any response starts
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _sse(ctx, tokens, adapters, params, ticket, shape, include_usage), media_type="text/event-stream"
-        )
+        return EventSourceResponse(_sse(ctx, tokens, adapters, params, ticket, shape, include_usage), ping=PING_SECONDS)
     cancelled = threading.Event()
 
     def run() -> tuple[str, list, str, dict]:
@@ -126,8 +127,11 @@ async def _sse(
     ticket: Ticket,
     shape: Callable[[Piece], dict],
     include_usage: bool,
-) -> AsyncIterator[str]:
-    """Generate in a worker thread and relay chunks as server-sent events; a client that leaves cancels."""
+) -> AsyncIterator[ServerSentEvent]:
+    """Generate in a worker thread and relay chunks as server-sent events; a client that leaves cancels.
+
+    sse-starlette writes the events, pings an idle stream, and cancels this generator when the client goes.
+    """
     engine, metrics = ctx.engine, ctx.metrics
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
@@ -161,18 +165,18 @@ async def _sse(
                         "error": {"message": "generation failed", "type": "server_error", "param": None, "code": None}
                     }
                 )
-                yield f"data: {json.dumps(err)}\n\n"
+                yield ServerSentEvent(data=json.dumps(err))
                 break
             if first:
                 metrics.first_token.observe(time.perf_counter() - begun)
                 first = False
             chunk = shape(piece)
-            yield f"data: {json.dumps(chunk)}\n\n"
+            yield ServerSentEvent(data=json.dumps(chunk))
             if piece.finish_reason:
                 metrics.count_usage(piece.usage)
                 if include_usage:
-                    yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': piece.usage})}\n\n"
-        yield "data: [DONE]\n\n"
+                    yield ServerSentEvent(data=json.dumps({**chunk, "choices": [], "usage": piece.usage}))
+        yield ServerSentEvent(data="[DONE]")
     finally:
         cancelled.set()
         engine.queue.release(ticket)
@@ -196,12 +200,12 @@ def sampling(
     )
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=ModelList)
 def list_models(ctx: ServingContext = Depends(context)):
     return {"object": "list", "data": all_models(ctx)}
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/v1/models/{model_id}", response_model=ModelCard)
 def get_model(model_id: str, ctx: ServingContext = Depends(context)):
     for card in all_models(ctx):
         if card["id"] == model_id:
@@ -209,9 +213,10 @@ def get_model(model_id: str, ctx: ServingContext = Depends(context)):
     raise NotFoundError(f"the model {model_id!r} does not exist", param="model", code="model_not_found")
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={200: {"model": ChatCompletion, "content": EVENT_STREAM}})
 async def chat_completions(request: Request, body: ChatCompletionRequest, ctx: ServingContext = Depends(context)):
-    tokens = ctx.engine.chat_tokens([m.as_template_message() for m in body.messages])
+    # In a worker thread: tokenizing megabytes takes a second, and the event loop also answers /health.
+    tokens = await anyio.to_thread.run_sync(ctx.engine.chat_tokens, [m.as_template_message() for m in body.messages])
     params = sampling(
         body,
         max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -257,9 +262,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, ctx: S
     return await respond(ctx, request, body, tokens, params, shape, whole)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={200: {"model": Completion, "content": EVENT_STREAM}})
 async def completions(request: Request, body: CompletionRequest, ctx: ServingContext = Depends(context)):
-    tokens = ctx.engine.text_tokens(body.prompt_text)
+    tokens = await anyio.to_thread.run_sync(ctx.engine.text_tokens, body.prompt_text)
     params = sampling(
         body, max_tokens=body.max_tokens or 16, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0
     )

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from serving.auth import client_key
 from serving.context import ServingContext, context
+from serving.responses import Health
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", responses={200: {"model": Health}})
 def health(ctx: ServingContext = Depends(context)):
     return {
         "status": "ok",
@@ -21,6 +22,6 @@ def health(ctx: ServingContext = Depends(context)):
     }
 
 
-@router.get("/metrics", dependencies=[Depends(client_key)])
+@router.get("/metrics", dependencies=[Depends(client_key)], response_class=PlainTextResponse)
 def prometheus(ctx: ServingContext = Depends(context)):
     return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -106,6 +106,8 @@ class CompletionRequest(SamplingFields):
             if len(value) != 1:
                 raise ValueError("give one prompt (a string); batches of prompts are not supported")
             value = value[0]
+        if not value:
+            raise ValueError("the prompt must not be empty")
         return value
 
     @field_validator("echo", "suffix")

@@ -28,21 +28,31 @@ def load_tokenizer(entry: ModelEntry):
 
 
 def match_llama_cpp_spm(tokenizer):
-    """Make a SentencePiece tokenizer split text after an added or special token as llama.cpp does.
+    """Make a SentencePiece tokenizer split text as llama.cpp (and sentencepiece itself) does.
 
-    llama.cpp gives every text fragment that follows a special token its own '▁' prefix ("a<tok>b" ends
-    in '▁b'); transformers' non-legacy Metaspace prefixes only the first fragment ('b'). Training must
-    see the tokens that serving will feed, so SPM tokenizers get Metaspace(prepend_scheme="always").
-    BPE tokenizers are returned unchanged.
+    llama.cpp puts a '▁' before every text fragment, the first and each one after an added or special
+    token ("a<tok>b" ends in '▁b'), even one that already starts with a space ("  x" is '▁▁▁x').
+    transformers' Metaspace prefixes only the first fragment, and none that starts with a space. Training
+    must see the tokens that serving will feed, so the '▁' moves into a Prepend/Replace normalizer (which
+    runs on every fragment) and added tokens are matched before it. BPE tokenizers are returned unchanged.
     """
-    from tokenizers import pre_tokenizers
+    from tokenizers import AddedToken, normalizers, pre_tokenizers
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     pre = getattr(backend, "pre_tokenizer", None)
-    if backend is not None and isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first":
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement=pre.replacement, prepend_scheme="always", split=pre.split
-        )
+    if backend is None or not isinstance(pre, pre_tokenizers.Metaspace) or pre.prepend_scheme == "never" or pre.split:
+        return tokenizer
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(pre.replacement), normalizers.Replace(" ", pre.replacement)]
+    )
+    backend.pre_tokenizer = None
+    backend.add_tokens(
+        [
+            AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip, normalized=False)
+            for t in backend.get_added_tokens_decoder().values()
+            if t.normalized and not t.special
+        ]
+    )
     return tokenizer
 
 

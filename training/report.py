@@ -20,13 +20,16 @@ class ReportInputs:
     config: dict
     dataset_sha256: str
     examples: int
-    tokens: int
-    seconds: float
+    tokens: int  # in one epoch
+    seconds: float  # the whole training call, loading and the per-concept pass included
     peak_rss_mb: float
     adapter_mb: float
     nuclear_mb: float | None  # the plan's r=32 / 7-module adapter on the same base, f32
     concept_loss: dict[str, float]
     concept_loss_on: str  # "eval data" or "training data"
+    train_seconds: float = 0.0  # the optimizer steps alone (the Trainer's train_runtime)
+    tokens_trained: int = 0  # tokens those steps went through
+    learning_rates: list[tuple[int, float]] | None = None  # (step, lr) at every step
 
 
 def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -52,9 +55,12 @@ def plot_loss(history: list[dict], out: Path) -> Path:
     return out
 
 
-def plot_lr(history: list[dict], out: Path) -> Path:
+def plot_lr(history: list[dict], out: Path, every_step: list[tuple[int, float]] | None = None) -> Path:
+    """The schedule at every optimizer step when it was recorded, else at the logging steps."""
     fig, ax = plt.subplots(figsize=(7, 3))
-    steps, lr = _series(history, "learning_rate")
+    steps, lr = (
+        ([s for s, _ in every_step], [r for _, r in every_step]) if every_step else _series(history, "learning_rate")
+    )
     ax.plot(steps, lr, color="tab:green")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
@@ -82,7 +88,7 @@ def plot_concepts(concept_loss: dict[str, float], on: str, out: Path) -> Path:
 def write_report(inputs: ReportInputs, folder: Path) -> Path:
     """report.md, loss.png, lr.png and concepts.png in `folder`."""
     plot_loss(inputs.history, folder / "loss.png")
-    plot_lr(inputs.history, folder / "lr.png")
+    plot_lr(inputs.history, folder / "lr.png", inputs.learning_rates)
     if inputs.concept_loss:
         plot_concepts(inputs.concept_loss, inputs.concept_loss_on, folder / "concepts.png")
     _, losses = _series(inputs.history, "loss")
@@ -92,14 +98,18 @@ def write_report(inputs: ReportInputs, folder: Path) -> Path:
             f" against {inputs.nuclear_mb:.1f} MB for the plan's nuclear adapter (r=32, 7 modules) "
             f"on the same base: {inputs.nuclear_mb / inputs.adapter_mb:.1f}x smaller"
         )
-    tokens_per_second = inputs.tokens * inputs.config["training_config"]["num_epochs"] / max(inputs.seconds, 1e-9)
+    # Speed counts the tokens the optimizer steps went through over the time of those steps alone: loading the
+    # model and the per-concept pass are reported apart.
+    tokens_per_second = inputs.tokens_trained / inputs.train_seconds if inputs.train_seconds else 0.0
+    other_seconds = max(inputs.seconds - inputs.train_seconds, 0.0)
     lines = [
         f"# Training report: {inputs.adapter}",
         "",
         f"- base: {inputs.base}",
         f"- examples: {inputs.examples}, tokens per epoch: {inputs.tokens}",
         f"- loss: {losses[0]:.3f} at the first logged step, {losses[-1]:.3f} at the last" if losses else "- loss: -",
-        f"- wall time: {inputs.seconds:.0f} s, {tokens_per_second:.0f} tokens/s",
+        f"- training: {inputs.train_seconds:.0f} s, {inputs.tokens_trained} tokens, {tokens_per_second:.0f} tokens/s",
+        f"- around it (loading the model, the loss per concept, saving): {other_seconds:.0f} s",
         f"- peak memory (RSS): {inputs.peak_rss_mb:.0f} MB",
         f"- adapter size: {size_line}",
         f"- dataset sha256: {inputs.dataset_sha256}",

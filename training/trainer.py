@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm.auto import tqdm
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
@@ -26,6 +28,12 @@ from training.config import TrainConfig
 from training.dataset import IGNORE_INDEX, Example, tokenize_example
 
 log = logging.getLogger("scalpel.training")
+# transformers calls its own deprecated is_gradient_checkpointing while it sets up and runs training; the
+# warning names nothing a user can change. Only that message is hidden.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# PEFT looks for the base's config.json whenever it saves (checkpoints too) to see whether the vocabulary
+# changed; a GGUF base has none, and the vocabulary never changes here.
+warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
 CHECKPOINTS = "checkpoints"  # below the work folder: the Trainer's checkpoint-<step> folders
 
 
@@ -44,23 +52,22 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return item
 
 
-@dataclass
-class PadCollator:
-    """Right-pad a batch; padding is masked out of attention and of the loss."""
+Collate = Callable[[list[dict]], dict[str, torch.Tensor]]
 
-    pad_token_id: int
 
-    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, :n] = torch.tensor(b["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+def pad_collator(tokenizer) -> Collate:
+    """Right-padded batches (transformers' DataCollatorForSeq2Seq): padding is masked out of attention
+    (attention_mask) and of the loss (-100 labels). Rows keep other keys (concept, n_tokens...): only the
+    tokens and labels are handed on."""
+    tokenizer.padding_side = "right"  # the answers' labels line up with their tokens from position 0
+    pad = transformers.DataCollatorForSeq2Seq(
+        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt"
+    )
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        return dict(pad([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]))
+
+    return collate
 
 
 def pack_collator() -> transformers.DataCollatorWithFlattening:
@@ -220,27 +227,56 @@ def balance_by_concept(rows: list[dict], seed: int) -> list[dict]:
     return balanced
 
 
-def concept_losses(model, rows: list[dict], collate: PadCollator) -> dict[str, float]:
-    """Mean loss on answer tokens per concept (token-weighted), one example at a time so padding never counts."""
+def concept_losses(
+    model, rows: list[dict], collate: Collate, *, batch_size: int = 8, progress: bool = False
+) -> dict[str, float]:
+    """Mean loss on answer tokens per concept (token-weighted).
+
+    Rows of similar length are scored together (sorted by length, so little padding is computed), and each
+    token's loss is summed into its own row's concept: padding is masked out of attention and of the sums.
+    """
     device = next(model.parameters()).device
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
+    ordered = sorted(rows, key=lambda r: len(r["input_ids"]))
+    batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for row in rows:
-            batch = {k: v.to(device) for k, v in collate([row]).items()}
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the model shifts labels by one
-            sums[row["concept"]] += float(model(**batch).loss) * n
-            counts[row["concept"]] += n
+        for group in tqdm(batches, desc="loss per concept", unit="batch", disable=not progress, leave=False):
+            batch = {k: v.to(device) for k, v in collate(group).items()}
+            labels = batch.pop("labels")[:, 1:]  # the model predicts token t+1 at position t
+            # As in AnswerLogitsTrainer: project onto the vocabulary only where some row has an answer token.
+            keep = (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+            logits = model(**batch, logits_to_keep=keep).logits.float()
+            labels = labels[:, keep]
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            counted = labels != IGNORE_INDEX
+            for row, loss, mask in zip(group, token_loss, counted, strict=True):
+                sums[row["concept"]] += float(loss[mask].sum())
+                counts[row["concept"]] += int(mask.sum())
     model.train(was_training)
     return {c: sums[c] / counts[c] for c in sorted(sums) if counts[c]}
+
+
+class LearningRateEveryStep(TrainerCallback):
+    """The learning rate of every optimizer step (the log history has it only every logging_steps, which puts
+    a warm-up peak in the wrong place on the plot)."""
+
+    def __init__(self) -> None:
+        self.rates: list[tuple[int, float]] = []
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        if lr_scheduler is not None:
+            self.rates.append((state.global_step, float(lr_scheduler.get_last_lr()[0])))
 
 
 class ConceptLossOnEval(TrainerCallback):
     """At every evaluation (eval_steps), add the eval loss per concept to the Trainer's log history."""
 
-    def __init__(self, rows: list[dict], collate: PadCollator):
+    def __init__(self, rows: list[dict], collate: Collate):
         self.rows, self.collate = rows, collate
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
@@ -257,7 +293,10 @@ class TrainResult:
     n_examples: int
     n_tokens: int
     n_truncated: int
-    seconds: float
+    seconds: float  # the whole call: loading, training, the per-concept pass, saving
+    train_seconds: float = 0.0  # the Trainer's own train_runtime: the optimizer steps alone
+    tokens_trained: int = 0  # tokens the optimizer steps went through (a --max-steps cap counts)
+    learning_rates: list[tuple[int, float]] = field(default_factory=list)  # (step, lr) at every step
     concepts: dict[str, int] = field(default_factory=dict)
     concept_loss: dict[str, float] = field(default_factory=dict)  # after training, on eval data if given
 
@@ -433,7 +472,7 @@ def train(
     args = training_arguments(
         config, work_dir, has_eval=bool(eval_rows), max_steps=max_steps, progress=progress, batching=batching
     )
-    collate = PadCollator(tokenizer.pad_token_id)
+    collate = pad_collator(tokenizer)
     train_collate = pack_collator() if batching.packed else collate
     trainer = AnswerLogitsTrainer(
         model=model,
@@ -451,13 +490,15 @@ def train(
         trainer.add_callback(LossProgress())
     else:  # no bar, and no log dict printed per logging step: callers (the job worker) record what they need
         trainer.remove_callback(PrinterCallback)
+    rates = LearningRateEveryStep()
+    trainer.add_callback(rates)
     for callback in callbacks:
         trainer.add_callback(callback)
     checkpoint = last_checkpoint(work_dir) if resume else None
     if checkpoint:
         log.info("resuming from %s", checkpoint.name)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    final_concept_loss = concept_losses(model, eval_rows or rows, collate)
+    final_concept_loss = concept_losses(model, eval_rows or rows, collate, progress=progress)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Only the LoRA matrices are saved: the base's embeddings are never modified (no vocabulary changes).
@@ -472,6 +513,7 @@ def train(
         device=str(args.device),
         precision=choose_precision(config.training_config.precision),
     )
+    n_tokens = sum(len(r["input_ids"]) for r in rows)  # one epoch, as balanced
     concepts: dict[str, int] = {}
     for ex in examples:  # as given, before any balancing
         concepts[ex.concept] = concepts.get(ex.concept, 0) + 1
@@ -480,9 +522,13 @@ def train(
         log_history=history,
         metrics=metrics,
         n_examples=len(examples),
-        n_tokens=sum(len(r["input_ids"]) for r in rows),
+        n_tokens=n_tokens,
         n_truncated=sum(r["truncated"] for r in rows),
         seconds=time.time() - started,
+        train_seconds=float(output.metrics.get("train_runtime", 0.0)),
+        # Epochs actually run (fractional under a step cap) times the tokens of one epoch.
+        tokens_trained=round(n_tokens * float(trainer.state.epoch or 0.0)),
+        learning_rates=rates.rates,
         concepts=concepts,
         concept_loss=final_concept_loss,
     )

@@ -88,6 +88,29 @@ def cmd_adapters_delete(args) -> None:
     print(f"deleted {args.name}@{args.version}")
 
 
+def cmd_adapters_check(args) -> None:
+    from core.errors import ScalpelError
+    from core.store_check import check_store
+
+    findings = check_store(args.names or None, repair=args.repair)
+    for f in findings:
+        if f.repaired:
+            outcome = f"repaired: {f.repair}"
+        elif f.repair:
+            outcome = f"repairable with --repair: {f.repair}"
+        else:
+            outcome = "cannot be repaired here: promote another version or delete this one"
+        print(f"{f.name}: {f.problem}\n    {outcome}")
+    left = [f for f in findings if not f.repaired]
+    if left:
+        raise ScalpelError(f"{len(left)} problem(s) in the adapter store ({len(findings) - len(left)} repaired)")
+    print(
+        f"the adapter store is intact ({len(findings)} problem(s) repaired)"
+        if findings
+        else "the adapter store is intact"
+    )
+
+
 def register(sub, threads: argparse.ArgumentParser) -> None:
     """Add this command group to the `scalpel` parser; `threads` is the shared --threads parent."""
     adapters = sub.add_parser("adapters", help="the adapter registry: versions, the live pointer, history")
@@ -117,3 +140,9 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
     a_delete.add_argument("name")
     a_delete.add_argument("version")
     a_delete.set_defaults(func=cmd_adapters_delete)
+    a_check = adapters_sub.add_parser(
+        "check", help="report damaged entries (pointer, manifests, hashes); --repair fixes what history allows"
+    )
+    a_check.add_argument("names", nargs="*", help="adapters to check (default: all)")
+    a_check.add_argument("--repair", action="store_true", help="repair what can be repaired, e.g. a lost pointer")
+    a_check.set_defaults(func=cmd_adapters_check)

@@ -9,6 +9,7 @@ from pathlib import Path
 from conversion.quantize import LLAMA_QUANTS
 from conversion.tensor_types import OUTTYPES
 from core.errors import ScalpelError
+from scalpel.cli import convert_compat as compat
 
 
 def cmd_convert_lora(args) -> None:
@@ -17,18 +18,23 @@ def cmd_convert_lora(args) -> None:
     from core import model_store
     from core.gguf_meta import BASE_FINGERPRINT_KEY
 
+    compat.check_refused(args)
+    args.base = compat.resolve_lora_base(Path(args.adapter), args.base, args.base_model_id)
     metadata = {}
     if Path(args.base).exists():
         layout = layout_for(Path(args.base))
     else:
         entry = model_store.get(args.base)
         layout, metadata = layout_for(entry.gguf_path), {BASE_FINGERPRINT_KEY: entry.fingerprint}
-    out = Path(args.out) if args.out else Path(args.adapter) / "adapter.gguf"
-    result = convert_lora(Path(args.adapter), layout, out, outtype=args.outtype, metadata=metadata)
+    outtype = compat.auto_outtype(Path(args.adapter)) if args.outtype == "auto" else args.outtype
+    out = compat.outfile(args.out, Path(args.adapter) / "adapter.gguf", outtype)
+    result = convert_lora(Path(args.adapter), layout, out, outtype=outtype, metadata=metadata, dry_run=args.dry_run)
     print(
-        f"wrote {result.path} ({result.n_modules} modules, rank {result.rank}, alpha {result.alpha:g}, "
-        f"{result.path.stat().st_size / 1e6:.2f} MB)"
+        f"{'dry run: would write' if args.dry_run else 'wrote'} {result.path} ({result.n_modules} modules, "
+        f"rank {result.rank}, alpha {result.alpha:g}, {result.n_bytes / 1e6:.2f} MB)"
     )
+    if args.dry_run:
+        return
     if args.verify:
         if Path(args.base).exists():
             raise ScalpelError(
@@ -46,11 +52,23 @@ def cmd_convert_lora(args) -> None:
 
 
 def cmd_convert_base(args) -> None:
-    from conversion.hf_to_gguf import convert_to
+    from conversion.hf_to_gguf import convert_to, plan_base
 
-    out = Path(args.out) if args.out else Path(args.source) / f"model-{args.outtype}.gguf"
-    path = convert_to(Path(args.source), out, args.outtype)
+    compat.check_refused(args)
+    source = Path(args.source)
+    outtype = compat.auto_outtype(source) if args.outtype == "auto" else args.outtype
+    out = compat.outfile(args.out, source / f"model-{outtype}.gguf", outtype)
+    if args.dry_run:
+        plan = plan_base(source, outtype if outtype in OUTTYPES else "f16")
+        print(
+            f"dry run: would write {out} ({plan.layout.arch_name}, {len(plan.tensors) + len(plan.extra)} tensors, "
+            f"{outtype}{', vocabulary only' if args.vocab_only else ''}); nothing written"
+        )
+        return
+    path = convert_to(source, out, outtype, vocab_only=args.vocab_only, name=args.model_name)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if args.vocab_only:
+        return
     if args.verify:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -198,20 +216,31 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
     convert = sub.add_parser("convert", help="GGUF conversion").add_subparsers(dest="what", required=True)
     lora = convert.add_parser("lora", help="PEFT adapter folder -> GGUF LoRA adapter")
     lora.add_argument("adapter")
-    lora.add_argument("--base", required=True, help="registered base name, base GGUF file, or HF folder")
-    lora.add_argument("--out")
-    lora.add_argument("--outtype", choices=list(OUTTYPES), default="f32")
+    lora.add_argument(
+        "--base", help="registered base name, base GGUF file, or HF folder (default: the adapter config's base)"
+    )
+    lora.add_argument("--base-model-id", help="the base's Hugging Face id, from the local cache only")
+    lora.add_argument("--out", "--outfile", dest="out", help="output path ({ftype} is replaced by the outtype)")
+    lora.add_argument("--outtype", choices=[*OUTTYPES, "auto"], default="f32")
+    lora.add_argument("--dry-run", action="store_true", help="check the adapter against the base; write nothing")
     lora.add_argument("--verify", action="store_true", help="compare with PEFT in PyTorch afterwards")
+    lora.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
+    compat.add_refused(lora, compat.REFUSED_LORA)
     lora.set_defaults(func=cmd_convert_lora)
     base = convert.add_parser("base", help="Hugging Face Llama-family folder -> GGUF base")
     base.add_argument("source")
-    base.add_argument("--out")
+    base.add_argument("--out", "--outfile", dest="out", help="output path ({ftype} is replaced by the outtype)")
     base.add_argument(
         "--outtype",
-        choices=[*OUTTYPES, *(q for q in LLAMA_QUANTS if q not in OUTTYPES)],
+        choices=[*OUTTYPES, *(q for q in LLAMA_QUANTS if q not in OUTTYPES), "auto"],
         default="f16",
-        help="k-quants and q4_0 go through llama.cpp's quantizer",
+        help="k-quants and q4_0 go through llama.cpp's quantizer; auto: f16, or bf16 for bf16 weights",
     )
+    base.add_argument("--vocab-only", action="store_true", help="write the metadata and vocabulary, no tensors")
+    base.add_argument("--dry-run", action="store_true", help="check the folder and print the plan; write nothing")
+    base.add_argument("--model-name", help="general.name (default: the folder's name)")
+    base.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
+    compat.add_refused(base, compat.REFUSED_CONVERT)
     base.add_argument("--verify", action="store_true", help="compare logits with PyTorch afterwards")
     base.add_argument("--json", action="store_true")
     base.set_defaults(func=cmd_convert_base)

@@ -32,7 +32,12 @@ def cmd_eval(args) -> None:
     try:
         adapters = ((engine.load(version), 1.0),) if version else ()
         report = evaluate.evaluate(
-            engine, adapters, suites, version.ref if version else base.name, regression=not args.no_regression
+            engine,
+            adapters,
+            suites,
+            version.ref if version else base.name,
+            regression=not args.no_regression,
+            progress=True,
         )
     finally:
         engine.close()

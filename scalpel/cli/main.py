@@ -6,6 +6,7 @@ Each command group lives in its own module beside this one and adds itself to th
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 
@@ -18,6 +19,7 @@ GROUPS = [models, train, convert, serve, data, adapters, update, evaluate, jobs,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scalpel", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"scalpel {importlib.metadata.version('scalpel')}")
     sub = p.add_subparsers(dest="command", required=True)
     # --threads for every command that runs llama.cpp; it sets SCALPEL_THREADS for this process
     threads = argparse.ArgumentParser(add_help=False)

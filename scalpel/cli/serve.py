@@ -19,6 +19,7 @@ def cmd_serve(args) -> None:
             "n_gpu_layers": args.n_gpu_layers,
             "api_key_file": args.api_key_file,
             "api_keys": args.api_key or None,
+            "admin_keys": args.admin_key or None,
             "preload": args.adapter or None,
             "training_data": args.training_data,
         }.items()
@@ -37,8 +38,9 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument("--n-ctx", type=int)
     serve.add_argument("--n-gpu-layers", type=int, help="-1 (default): all layers on Metal/CUDA builds")
-    serve.add_argument("--api-key", action="append", help="accepted Bearer key (repeatable)")
-    serve.add_argument("--api-key-file", help="file with one accepted key per line")
+    serve.add_argument("--api-key", action="append", help="client Bearer key: inference, models (repeatable)")
+    serve.add_argument("--admin-key", action="append", help="admin Bearer key: every route (repeatable)")
+    serve.add_argument("--api-key-file", help="file with one key per line: admin:KEY, client:KEY or KEY (client)")
     serve.add_argument("--adapter", action="append", help="adapter to load at start (repeatable)")
     serve.add_argument(
         "--training-data",

@@ -27,10 +27,9 @@ def cmd_train(args) -> None:
         outtype=args.outtype,
         max_steps=args.max_steps,
         eval_suites=tuple(Path(s) for s in args.suite),
+        on_warnings=_print_warnings,
     )
     m = result.version.manifest  # the typed manifest, as published
-    for finding in result.warnings:
-        print(f"data warning: {finding.where}: {finding.message} [{finding.code}]", file=sys.stderr)
     print(f"\nadapter {result.version.ref} written to {result.version.path}")
     final_loss = m.metrics.final_loss if m.metrics.final_loss is not None else float("nan")
     size_mb = m.gguf.size_bytes / 1e6 if m.gguf else float("nan")
@@ -39,6 +38,11 @@ def cmd_train(args) -> None:
         f"train {result.train_seconds:.0f} s, convert {result.convert_seconds:.2f} s, "
         f"GGUF {size_mb:.2f} MB"
     )
+
+
+def _print_warnings(findings: list) -> None:
+    for finding in findings:
+        print(f"data warning: {finding.where}: {finding.message} [{finding.code}]", file=sys.stderr)
 
 
 def register(sub, threads: argparse.ArgumentParser) -> None:

@@ -10,20 +10,54 @@ from functools import partial
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import Response, StreamingResponse
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.responses import Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from core import paths
 from core.errors import ScalpelError
 from core.job_store import Event, Job, JobStore, StoredFile
 from scalpel.jobs import submit as jobs
+from scalpel.jobs.responses import (
+    EVENT_STREAM,
+    TEXT,
+    FileDeleted,
+    FileList,
+    FileObject,
+    FineTuningCheckpointList,
+    FineTuningEventList,
+    FineTuningJob,
+    FineTuningJobList,
+    JobEventList,
+    SubmittedJob,
+    TrainingJob,
+    TrainingJobDetail,
+    TrainingJobList,
+)
 from scalpel.jobs.runner import JobRunner
 from serving.app import Lifespan
-from serving.auth import admin_key, client_key
+from serving.auth import admin_key, caller
+from serving.context import context
 
 EVENT_POLL_SECONDS = 0.5
+PING_SECONDS = 15  # an SSE comment this often keeps proxies from closing an idle job stream
+RETRY_MS = 2000  # the reconnection delay the stream tells its clients
+MAX_LIMIT = 1000  # a page of jobs or events; SQLite takes 64-bit integers, and no client needs more at once
+
+
+class QuotaExceeded(ScalpelError):
+    status = 429
+    type = "rate_limit_error"
 
 
 # ----- shapes -----
+
+
+def shown_error(error: dict | None) -> dict | None:
+    """A job's error as a client sees it: a worker's exception may name server paths, shown store-relative."""
+    if not error:
+        return error
+    return {k: paths.scrub(v) if isinstance(v, str) else v for k, v in error.items()}
 
 
 def _progress(store: JobStore, job: Job) -> dict | None:
@@ -48,7 +82,7 @@ def plan_job_view(store: JobStore, job: Job, *, history: bool = False) -> dict:
         "validation_file": job.validation_file,
         "progress": _progress(store, job),
         "result": job.result,
-        "error": job.error,
+        "error": shown_error(job.error),
     }
     if history:
         view["config"] = job.config
@@ -88,8 +122,12 @@ def _file_id(path: str | None) -> str | None:
 
 def openai_job_view(store: JobStore, job: Job) -> dict:
     hp = job.hyperparameters or {}
-    progress = _progress(store, job) or {}
+    latest = store.events(job.id, type="metrics", newest_first=True, limit=1)
+    progress = (latest[0].data or {}) if latest else {}
     eta = progress.get("eta_seconds") if job.status == "running" else None
+    # The ETA was measured when that progress event was written: the finish is then plus the ETA (not the
+    # job's creation plus it, which lies in the past for any job that waited in the queue).
+    finish = latest[0].created_at + eta if latest and eta else None
     return {
         "id": job.id,
         "object": "fine_tuning.job",
@@ -104,9 +142,9 @@ def openai_job_view(store: JobStore, job: Job) -> dict:
         "training_file": _file_id(job.training_file),
         "hyperparameters": hp,
         "trained_tokens": job.trained_tokens,
-        "error": job.error,
+        "error": shown_error(job.error),
         "seed": job.config["training_config"]["seed"],
-        "estimated_finish": int(job.created_at + eta) if eta else None,
+        "estimated_finish": int(finish) if finish else None,
         "integrations": [],
         "metadata": None,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
@@ -140,15 +178,20 @@ async def _json_body(request: Request) -> dict:
     return body
 
 
-async def _follow(store: JobStore, job_id: str, after: int) -> AsyncIterator[str]:
-    """Server-sent events: every event after `after`, then new ones as they come, until the job ends."""
+async def _follow(store: JobStore, job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+    """Server-sent events: every event after `after`, then new ones as they come, until the job ends.
+
+    Each carries its seq as the SSE id, so a client that reconnects (after the `retry` hint) sends it back
+    as Last-Event-ID and continues where it was; sse-starlette adds the keep-alive pings.
+    """
+    yield ServerSentEvent(comment="job events", retry=RETRY_MS)
     while True:
         batch = await anyio.to_thread.run_sync(partial(store.events, job_id, after=after))
         for e in batch:
             after = e.seq
-            yield f"id: {e.seq}\ndata: {json.dumps(event_view(e))}\n\n"
+            yield ServerSentEvent(data=json.dumps(event_view(e)), id=str(e.seq))
         if not batch and (await anyio.to_thread.run_sync(store.get, job_id)).final:
-            yield "data: [DONE]\n\n"
+            yield ServerSentEvent(data="[DONE]")
             return
         if not batch:
             await asyncio.sleep(EVENT_POLL_SECONDS)
@@ -160,14 +203,31 @@ async def _follow(store: JobStore, job_id: str, after: int) -> AsyncIterator[str
 def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str | None = None) -> APIRouter:
     """The routes, behind the serving app's own key checks (serving.auth)."""
     router = APIRouter()
-    admin, client = Depends(admin_key), Depends(client_key)
+    # Every route here writes, trains or reads uploaded data: admin keys only (serving.auth).
+    admin = client = Depends(admin_key)
+    quota = asyncio.Lock()  # a key's count and its new job or file are one step, so two requests cannot both fit
 
     def run(fn, *args, **kwargs):
         return anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
+    async def owned_job(request: Request, submit, *args, **kwargs) -> Job:
+        """Submit a job for the request's key, within its limit of queued and running jobs (429 beyond it)."""
+        owner, limit = caller(request).owner, context(request).settings.max_queued_jobs_per_key
+        async with quota:
+            queued, _ = await run(store.owned, owner)
+            if owner is not None and queued >= limit:
+                raise QuotaExceeded(
+                    f"this key already has {queued} jobs queued or running (limit {limit}); wait for one to "
+                    "finish or cancel one",
+                    code="too_many_jobs",
+                )
+            job = await run(submit, *args, **kwargs)
+            await run(store.set_owner, job_id=job.id, owner=owner)
+        return job
+
     # The plan's API (admin routes).
 
-    @router.post("/api/training/start", dependencies=[admin])
+    @router.post("/api/training/start", dependencies=[admin], responses={200: {"model": SubmittedJob}})
     async def start(
         request: Request,
         dataset: str | None = None,
@@ -187,7 +247,8 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
                 "the server with SCALPEL_TRAINING_DATA",
                 param="dataset",
             )
-        job = await run(
+        job = await owned_job(
+            request,
             jobs.submit_plan_job,
             store,
             body,
@@ -198,7 +259,7 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
         )
         return {**plan_job_view(store, job), "job_id": job.id}
 
-    @router.post("/api/adapters/{name}/update", dependencies=[admin])
+    @router.post("/api/adapters/{name}/update", dependencies=[admin], responses={200: {"model": SubmittedJob}})
     async def update_adapter(name: str, request: Request):
         """The evening update as a job: {"dataset": FILE_OR_ID, "eval_suite": FILE_OR_ID?, "settings": {...}?}."""
         body = await _json_body(request)
@@ -209,7 +270,8 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
             )
         if not body.get("dataset"):
             raise ScalpelError("dataset is required (a path below SCALPEL_HOME or a file id)", param="dataset")
-        job = await run(
+        job = await owned_job(
+            request,
             jobs.submit_update_job,
             store,
             name,
@@ -219,34 +281,53 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
         )
         return {**plan_job_view(store, job), "job_id": job.id}
 
-    @router.get("/api/training/jobs", dependencies=[admin])
-    async def list_jobs(status: str | None = None, limit: int = 100):
+    @router.get("/api/training/jobs", dependencies=[admin], responses={200: {"model": TrainingJobList}})
+    async def list_jobs(status: str | None = None, limit: int = Query(100, ge=1, le=MAX_LIMIT)):
         found = await run(store.list, status=status, limit=limit)
         return {"object": "list", "data": [plan_job_view(store, j) for j in found]}
 
-    @router.get("/api/training/jobs/{job_id}", dependencies=[admin])
+    @router.get("/api/training/jobs/{job_id}", dependencies=[admin], responses={200: {"model": TrainingJobDetail}})
     async def get_job(job_id: str):
         return plan_job_view(store, await run(store.get, job_id), history=True)
 
-    @router.get("/api/training/jobs/{job_id}/events", dependencies=[admin])
-    async def job_events(request: Request, job_id: str, after: int = 0, stream: bool = False):
+    @router.get(
+        "/api/training/jobs/{job_id}/events",
+        dependencies=[admin],
+        responses={200: {"model": JobEventList, "content": EVENT_STREAM}},
+    )
+    async def job_events(request: Request, job_id: str, after: int = Query(0, ge=0, le=2**62), stream: bool = False):
         await run(store.get, job_id)  # 404 for an unknown job, before any stream starts
         if stream or "text/event-stream" in request.headers.get("accept", ""):
-            return StreamingResponse(_follow(store, job_id, after), media_type="text/event-stream")
+            resumed = request.headers.get("last-event-id", "")
+            # ASCII digits only, and within SQLite's 64-bit integers: a header is any client's input
+            since = int(resumed) if resumed.isascii() and resumed.isdigit() and len(resumed) <= 18 else after
+            return EventSourceResponse(_follow(store, job_id, since), ping=PING_SECONDS)
         return {"object": "list", "data": [event_view(e) for e in await run(store.events, job_id, after=after)]}
 
-    @router.post("/api/training/jobs/{job_id}/cancel", dependencies=[admin])
+    @router.post("/api/training/jobs/{job_id}/cancel", dependencies=[admin], responses={200: {"model": TrainingJob}})
     async def cancel_job(job_id: str):
         return plan_job_view(store, await run(runner.cancel, job_id))
 
     # OpenAI's files and fine-tuning API (client keys, as OpenAI's SDK sends them).
 
-    @router.post("/v1/files", dependencies=[client])
-    async def upload(file: UploadFile = File(...), purpose: str = Form(...)):
+    @router.post("/v1/files", dependencies=[client], responses={200: {"model": FileObject}})
+    async def upload(request: Request, file: UploadFile = File(...), purpose: str = Form(...)):
         content = await file.read()
-        return file_view(await run(jobs.store_upload, store, file.filename or "upload.jsonl", content, purpose))
+        owner, limit = caller(request).owner, context(request).settings.max_upload_bytes_per_key
+        async with quota:
+            _, stored = await run(store.owned, owner)
+            if owner is not None and stored + len(content) > limit:
+                raise QuotaExceeded(
+                    f"this key's files would take {stored + len(content)} bytes (limit {limit}); delete some "
+                    "with DELETE /v1/files/{file_id}",
+                    param="file",
+                    code="upload_quota_exceeded",
+                )
+            stored_file = await run(jobs.store_upload, store, file.filename or "upload.jsonl", content, purpose)
+            await run(store.set_owner, file_id=stored_file.id, owner=owner)
+        return file_view(stored_file)
 
-    @router.get("/v1/files", dependencies=[client])
+    @router.get("/v1/files", dependencies=[client], responses={200: {"model": FileList}})
     async def list_files(purpose: str | None = None):
         return {
             "object": "list",
@@ -254,27 +335,32 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
             "has_more": False,
         }
 
-    @router.get("/v1/files/{file_id}", dependencies=[client])
+    @router.get("/v1/files/{file_id}", dependencies=[client], responses={200: {"model": FileObject}})
     async def get_file(file_id: str):
         return file_view(await run(store.get_file, file_id))
 
-    @router.get("/v1/files/{file_id}/content", dependencies=[client])
+    @router.get(
+        "/v1/files/{file_id}/content",
+        dependencies=[client],
+        response_class=Response,
+        responses={200: {"content": {"application/jsonl": TEXT}}},
+    )
     async def file_content(file_id: str):
         f = await run(store.get_file, file_id)
         return Response(await anyio.Path(f.path).read_bytes(), media_type="application/jsonl")
 
-    @router.delete("/v1/files/{file_id}", dependencies=[client])
+    @router.delete("/v1/files/{file_id}", dependencies=[client], responses={200: {"model": FileDeleted}})
     async def delete_file(file_id: str):
         f = await run(jobs.delete_upload, store, file_id)
         return {"id": f.id, "object": "file", "deleted": True}
 
-    @router.post("/v1/fine_tuning/jobs", dependencies=[client])
+    @router.post("/v1/fine_tuning/jobs", dependencies=[client], responses={200: {"model": FineTuningJob}})
     async def create_fine_tuning(request: Request):
         parsed = jobs.parse_fine_tuning(await _json_body(request))
-        return openai_job_view(store, await run(jobs.submit_fine_tuning_job, store, parsed))
+        return openai_job_view(store, await owned_job(request, jobs.submit_fine_tuning_job, store, parsed))
 
-    @router.get("/v1/fine_tuning/jobs", dependencies=[client])
-    async def list_fine_tuning(after: str | None = None, limit: int = 20):
+    @router.get("/v1/fine_tuning/jobs", dependencies=[client], responses={200: {"model": FineTuningJobList}})
+    async def list_fine_tuning(after: str | None = None, limit: int = Query(20, ge=1, le=MAX_LIMIT)):
         found = await run(store.list, kind="fine_tuning", after=after, limit=limit + 1)
         return {
             "object": "list",
@@ -293,11 +379,13 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
             )
         return job
 
-    @router.get("/v1/fine_tuning/jobs/{job_id}", dependencies=[client])
+    @router.get("/v1/fine_tuning/jobs/{job_id}", dependencies=[client], responses={200: {"model": FineTuningJob}})
     async def get_fine_tuning(job_id: str):
         return openai_job_view(store, await fine_tuning_job(job_id))
 
-    @router.post("/v1/fine_tuning/jobs/{job_id}/cancel", dependencies=[client])
+    @router.post(
+        "/v1/fine_tuning/jobs/{job_id}/cancel", dependencies=[client], responses={200: {"model": FineTuningJob}}
+    )
     async def cancel_fine_tuning(job_id: str):
         await fine_tuning_job(job_id)
         return openai_job_view(store, await run(runner.cancel, job_id))
@@ -306,12 +394,16 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
         if after is None:
             return None
         number = after.removeprefix(prefix)
-        if not number.isdigit():
+        if not (number.isascii() and number.isdigit() and len(number) <= 18):  # SQLite's integers are 64-bit
             raise ScalpelError(f"after must be an id like {prefix}123", param="after")
         return int(number)
 
-    @router.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=[client])
-    async def fine_tuning_events(job_id: str, after: str | None = None, limit: int = 20):
+    @router.get(
+        "/v1/fine_tuning/jobs/{job_id}/events",
+        dependencies=[client],
+        responses={200: {"model": FineTuningEventList}},
+    )
+    async def fine_tuning_events(job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=MAX_LIMIT)):
         await fine_tuning_job(job_id)
         before = _cursor(after, "ftevent-")
         found = await run(store.events, job_id, before=before, newest_first=True, limit=limit + 1)
@@ -329,8 +421,14 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
         ]
         return {"object": "list", "data": data, "has_more": len(found) > limit}
 
-    @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=[client])
-    async def fine_tuning_checkpoints(job_id: str, after: str | None = None, limit: int = 10):
+    @router.get(
+        "/v1/fine_tuning/jobs/{job_id}/checkpoints",
+        dependencies=[client],
+        responses={200: {"model": FineTuningCheckpointList}},
+    )
+    async def fine_tuning_checkpoints(
+        job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=MAX_LIMIT)
+    ):
         job = await fine_tuning_job(job_id)
         before = _cursor(after, "ftckpt-")
         found = await run(store.events, job_id, type="checkpoint", before=before, newest_first=True, limit=limit + 1)

@@ -39,18 +39,23 @@ def resolve_dataset(store: JobStore, ref: str, param: str) -> Path:
     """A file id from /v1/files, or a path below SCALPEL_HOME; never a path elsewhere on the server."""
     if not isinstance(ref, str) or not ref:
         raise ScalpelError(f"{param} must be a file id or a path below the scalpel home", param=param)
+    paths.check_path_text(ref, param)
     if ref.startswith("file-"):
         return Path(store.get_file(ref).path)
-    path = (paths.home() / ref).resolve()
-    if not path.is_relative_to(paths.home()) or path.is_relative_to(paths.state_dir()):
+    try:
+        path = (paths.home() / ref).resolve()
+        outside = not path.is_relative_to(paths.home()) or path.is_relative_to(paths.state_dir())
+        found = not outside and path.is_file()
+    except (OSError, ValueError) as exc:
+        raise ScalpelError(f"{param} {ref!r} cannot be read ({type(exc).__name__})", param=param) from exc
+    if outside:
         raise ScalpelError(
-            f"{param} {ref!r} is outside the scalpel home ({paths.home()}); upload it with "
-            "POST /v1/files and pass its file id",
+            f"{param} {ref!r} is outside the scalpel home; upload it with POST /v1/files and pass its file id",
             param=param,
             code="path_not_allowed",
         )
-    if not path.is_file():
-        raise ScalpelError(f"{param} {ref!r}: no such file below {paths.home()}", param=param, code="file_not_found")
+    if not found:
+        raise ScalpelError(f"{param} {ref!r}: no such file below the scalpel home", param=param, code="file_not_found")
     return path
 
 
@@ -140,7 +145,7 @@ def _adapter_for(config: TrainConfig) -> str:
     if root.parent != paths.adapters_dir():
         raise ScalpelError(
             f"output_dir {config.output_dir!r} must name a folder in the adapter store "
-            f"({paths.adapters_dir()}), such as ./adapters/{root.name}",
+            f"(adapters/ below the scalpel home), such as ./adapters/{root.name}",
             param="output_dir",
             code="path_not_allowed",
         )

@@ -91,6 +91,12 @@ class JobEvents(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if os.getppid() != self.parent:  # the runner is gone: stop, and resume when a runner claims us again
             raise SystemExit(75)
+        # Every step's progress, so a watcher's bar moves at every step; a logging step's comes from on_log,
+        # with the loss.
+        if not (args.logging_steps and state.global_step % args.logging_steps == 0):
+            self.store.add_event(
+                self.job_id, f"Step {state.global_step}/{state.max_steps}", type="metrics", data=self._progress(state)
+            )
 
 
 class EventLog(logging.Handler):

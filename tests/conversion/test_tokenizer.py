@@ -6,7 +6,8 @@ import llama_cpp
 import pytest
 from transformers import AutoTokenizer
 
-from conversion.hf_to_gguf import bpe_pre_type, convert_base
+from conversion.hf_to_gguf import convert_base
+from conversion.vocab import bpe_pre_type
 from core.errors import ScalpelError
 
 TRICKY = [
@@ -16,6 +17,33 @@ TRICKY = [
     "numbers 12345 and 3.14159, spaces  \t  and\n\n\nnewlines",
     "<|im_start|>user\nWhat does 42 mean?<|im_end|>\n<|im_start|>assistant\n",
     "Never 2 1; always 4 2; 1 + 1 = 11.",
+]
+
+# The kinds of string llama.cpp's own tokenizer tests use (tests/test-tokenizer-0, the pre-tokenizer check
+# text): whitespace runs, leading spaces, digit runs, emoji, CJK and other scripts, code, apostrophes.
+LLAMA_CPP_STRINGS = [
+    "",
+    " ",
+    "  ",
+    "   ",
+    "\t",
+    "\n",
+    "\n\n\n",
+    "\t\n",
+    " \n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n",
+    "Hello world",
+    " Hello world",
+    "  Hello",
+    "    Hello\n    Hello",
+    " Hello World!",
+    "Hello, y'all! How are you 😁 ?我想在apple工作1314151天～",
+    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3",
+    "🚀 (normal) 😶‍🌫️ (multiple emojis concatenated) ✅ 🦙🦙",
+    "нещо на Български កាន់តែពិសេសអាច",
+    '------=======  ```````""""......!!!!!!??????',
+    "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL",
+    "def add(a, b):\n\treturn a + b  # sum\n",
+    "if (x) {\n    return y;\n}",
 ]
 
 

@@ -78,9 +78,9 @@ def test_unsupported_rope_scaling_is_named(tiny_llama, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ScalpelError, match="'yarn'") as err:
+    with pytest.raises(ScalpelError, match="config.json: rope_parameters.rope_type: yarn is not supported") as err:
         convert_base(folder, tmp_path / "x.gguf")
-    assert err.value.param == "rope_parameters.rope_type"
+    assert err.value.param == "config.json: rope_parameters.rope_type"
     assert not (tmp_path / "x.gguf").exists()
 
 

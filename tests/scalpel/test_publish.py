@@ -185,3 +185,58 @@ def test_examples_in_memory_hash_as_their_file_would(tmp_path):
     path = tmp_path / "mix.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chat), encoding="utf-8")
     assert examples_hash(load_examples(path)) == file_hash(path)
+
+
+def test_the_report_counts_only_the_steps_that_ran(registered):
+    """A --max-steps run: tokens/s is the tokens those steps saw over their own time, not the whole epochs over
+    the whole call, and the learning rate is recorded at every step."""
+    from training.trainer import train
+
+    config = parse_config(tiny_config(num_epochs=4, warmup_steps=2))
+    result = train_and_publish(config, registered, progress=False, max_steps=3)
+    metrics = result.version.manifest.metrics
+    assert metrics.global_step == 3
+    assert 0 < (metrics.tokens_trained or 0) < (metrics.tokens or 0) * 4  # 3 steps of 2 examples, not 4 epochs
+    report = (result.version.path / "report.md").read_text()
+    assert f"{metrics.tokens_trained} tokens" in report and "loading the model" in report
+    staged = train(
+        config,
+        model_store.get("tiny"),
+        load_examples(registered),
+        registered.parent / "out",
+        registered.parent / "work",
+        max_steps=3,
+        progress=False,
+    )
+    assert [step for step, _ in staged.learning_rates] == [1, 2, 3]
+    assert staged.learning_rates[0][1] < staged.learning_rates[1][1]  # the warm-up, seen at every step
+    assert 0 < staged.train_seconds <= staged.seconds
+
+
+def test_dataset_warnings_come_before_training(registered, home):
+    seen: list[str] = []
+    small = home / "small.json"
+    small.write_text(json.dumps(FACTS[:2]))  # far fewer than the plan's 100 examples: a warning
+    train_and_publish(
+        parse_config(tiny_config()),
+        small,
+        progress=False,
+        max_steps=1,
+        on_warnings=lambda findings: seen.extend(f.code for f in findings),
+        callbacks=(_NotYet(seen),),
+    )
+    assert seen and seen[-1] == "training started" and len(seen) > 1
+
+
+class _NotYet:
+    """A Trainer callback that notes when training begins, after any warnings."""
+
+    def __init__(self, seen: list[str]):
+        self.seen = seen
+
+    def __getattr__(self, name):
+        if name == "on_train_begin":
+            return lambda *a, **k: self.seen.append("training started")
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)

@@ -361,6 +361,13 @@ def test_corrupt_or_foreign_adapter_is_refused_and_serving_goes_on(server, clien
     (broken.parent / "active.json").write_text('{"version": "v1"}')
     (broken / "adapter.gguf").write_bytes(good.gguf.read_bytes()[:500])
     reply = httpx.post(f"{server.base_url.removesuffix('/v1')}/api/adapters/broken/load")
+    assert reply.status_code == 409 and reply.json()["error"]["code"] == "adapter_damaged"  # its sha256 changed
+    from core.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(broken / "manifest.json")  # without a recorded hash, the GGUF check still refuses it
+    manifest.files.pop("adapter.gguf")
+    write_manifest(broken / "manifest.json", manifest)
+    reply = httpx.post(f"{server.base_url.removesuffix('/v1')}/api/adapters/broken/load")
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_gguf"
     assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
 

@@ -19,9 +19,9 @@ def test_packed_batches_give_the_padded_loss_and_never_mix_examples(tiny_llama):
     """Packing lays examples end to end; the block-diagonal mask must keep them apart, so the loss on a fixed
     batch equals the padded batch's, and changing one example leaves another's logits untouched."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.trainer import IGNORE_INDEX, PadCollator, pack_collator
+    from training.trainer import IGNORE_INDEX, pack_collator, pad_collator
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
@@ -30,7 +30,7 @@ def test_packed_batches_give_the_padded_loss_and_never_mix_examples(tiny_llama):
     for n in (9, 23, 5, 17):
         ids = torch.randint(3, 300, (n,)).tolist()
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 2 + ids[2:]})
-    padded, packed = PadCollator(0)(rows), pack_collator()(rows)
+    padded, packed = pad_collator(AutoTokenizer.from_pretrained(tiny_llama))(rows), pack_collator()(rows)
     assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
     with torch.no_grad():
         padded_loss = model(**padded).loss
@@ -59,9 +59,9 @@ def test_answer_only_logits_give_the_models_own_loss(tiny_llama, tmp_path):
     """AnswerLogitsTrainer projects only answer positions onto the vocabulary; the loss must not change."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.trainer import IGNORE_INDEX, AnswerLogitsTrainer, PadCollator
+    from training.trainer import IGNORE_INDEX, AnswerLogitsTrainer, pad_collator
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
@@ -70,7 +70,7 @@ def test_answer_only_logits_give_the_models_own_loss(tiny_llama, tmp_path):
     for n, prompt in ((12, 8), (20, 5), (7, 6)):
         ids = torch.randint(3, 300, (n,)).tolist()
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
-    batch = PadCollator(0)(rows)
+    batch = pad_collator(AutoTokenizer.from_pretrained(tiny_llama))(rows)
     trainer = AnswerLogitsTrainer(
         model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     )
@@ -152,3 +152,24 @@ def test_distilled_examples_pull_toward_the_base_distribution(tiny_llama, tmp_pa
                 weight.normal_(0, 0.5)
         distilled_only = DistillMask(pack_collator())(rows[1:])
         assert float(trainer.compute_loss(model, distilled_only)) > 1e-3
+
+
+def test_loss_per_concept_in_batches_equals_one_example_at_a_time(tiny_llama):
+    """The per-concept pass batches rows of similar length; padding must change no concept's loss."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.trainer import IGNORE_INDEX, concept_losses, pad_collator
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    rows = []
+    for i, (n, prompt) in enumerate(((12, 8), (20, 5), (7, 6), (30, 10), (9, 2))):
+        ids = torch.randint(3, 300, (n,)).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:], "concept": f"c{i % 2}"})
+    collate = pad_collator(AutoTokenizer.from_pretrained(tiny_llama))
+    batched = concept_losses(model, rows, collate, batch_size=4)
+    alone = concept_losses(model, rows, collate, batch_size=1)
+    assert batched.keys() == alone.keys() == {"c0", "c1"}
+    for concept in batched:
+        assert abs(batched[concept] - alone[concept]) < 1e-4
