@@ -497,7 +497,8 @@ class EveningUpdate:
         repeats = f" (each {emphasis.new_repeats} times)" if emphasis.new_repeats > 1 else ""
         in_full = f" (all of {', '.join(emphasis.replay_in_full)})" if emphasis.replay_in_full else ""
         self.log(
-            f"update {self.name}, candidate {len(self.candidates) + 1}: {len(self.new)} new examples{repeats}, "
+            f"{self.phase('train')} update {self.name}, candidate {len(self.candidates) + 1}: "
+            f"{len(self.new)} new examples{repeats}, "
             f"{len(mix.replay)} replayed from {len(self.chain)} version(s){in_full}, "
             f"{len(mix.preservation)} base-preservation examples; continuing from {self.live.ref}"
         )
@@ -535,7 +536,10 @@ class EveningUpdate:
 
     def evaluate(self, staged: StagedVersion) -> EvalReport:
         """Score the staged candidate through llama.cpp: the new suite, every earlier suite, and base regression."""
-        self.log(f"evaluating the new version through llama.cpp: {len(self.suites)} suite(s) and base regression")
+        self.log(
+            f"{self.phase('evaluate')} evaluating the new version through llama.cpp: {len(self.suites)} suite(s) "
+            "and base regression"
+        )
         ref = self.engine.load(staged.version)
         try:
             report = evaluate.evaluate(
@@ -569,7 +573,14 @@ class EveningUpdate:
         """Publish the candidate as the next version, live only when it was promoted: a rejected one is kept as a
         record (versions are never lost) and the live version stays live."""
         staged.manifest.eval = verdict.outcome
-        return publish_staged(staged, activate=verdict.promoted)
+        version = publish_staged(staged, activate=verdict.promoted)
+        outcome = "live" if verdict.promoted else "kept, not live: " + "; ".join(verdict.reasons)
+        self.log(f"{self.phase('publish')} {version.ref} {outcome}")
+        return version
+
+    def phase(self, name: str) -> str:
+        """Where the update is, for its log lines: "[candidate 2/3: evaluate]"."""
+        return f"[candidate {len(self.candidates) + 1}/{self.settings.max_candidates}: {name}]"
 
     def result(self, seconds: float) -> UpdateResult:
         """The update's result: the last candidate's, with every candidate listed."""

@@ -46,7 +46,12 @@ def cmd_convert_lora(args) -> None:
         from training.base_model import load_model, load_tokenizer
 
         report = verify(
-            load_model(entry), load_tokenizer(entry), entry.gguf_path, peft_dir=Path(args.adapter), adapter_gguf=out
+            load_model(entry),
+            load_tokenizer(entry),
+            entry.gguf_path,
+            peft_dir=Path(args.adapter),
+            adapter_gguf=out,
+            progress=True,
         )
         _report_verify(report, False)
 
@@ -76,7 +81,7 @@ def cmd_convert_base(args) -> None:
         from training.base_model import match_llama_cpp_spm
 
         model = AutoModelForCausalLM.from_pretrained(args.source, dtype="float32", use_safetensors=True)
-        report = verify(model, match_llama_cpp_spm(AutoTokenizer.from_pretrained(args.source)), path)
+        report = verify(model, match_llama_cpp_spm(AutoTokenizer.from_pretrained(args.source)), path, progress=True)
         _report_verify(report, args.json)
 
 
@@ -115,6 +120,7 @@ def cmd_verify(args) -> None:
         peft_dir=peft_dir,
         adapter_gguf=adapter_gguf,
         min_top1=args.min_top1,
+        progress=True,
     )
     _report_verify(report, args.json)
 
