@@ -707,7 +707,8 @@ def run_inbox(
         key=lambda f: (f.stat().st_mtime, f.name),
     )
     results = []
-    for f in files:
+    for index, f in enumerate(files, 1):
+        log(f"[inbox {index}/{len(files)}] {f.name}")
         suite = f.with_name(f"{f.stem}.eval.json")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         digest = sha256_file(f)
@@ -733,6 +734,7 @@ def run_inbox(
                 "reasons": result.reasons,
             }
             if result.promoted:
+                log(f"{f.name}: promoted as {result.version.ref}; archived in archive/{stamp}")
                 _move_out(inbox / "archive" / stamp, f, suite)
             elif tried["attempts"] >= attempts:
                 log(f"{f.name}: not promoted after {tried['attempts']} attempt(s); moved to not-promoted/{stamp}")
