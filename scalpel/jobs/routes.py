@@ -60,9 +60,15 @@ def shown_error(error: dict | None) -> dict | None:
     return {k: paths.scrub(v) if isinstance(v, str) else v for k, v in error.items()}
 
 
-def _progress(store: JobStore, job: Job) -> dict | None:
+def _latest_progress(store: JobStore, job: Job) -> Event | None:
+    """The job's newest metrics event: its data is the progress, its time is when that ETA was measured."""
     latest = store.events(job.id, type="metrics", newest_first=True, limit=1)
-    return latest[0].data if latest else None
+    return latest[0] if latest else None
+
+
+def _progress(store: JobStore, job: Job) -> dict | None:
+    latest = _latest_progress(store, job)
+    return latest.data if latest else None
 
 
 def plan_job_view(store: JobStore, job: Job, *, history: bool = False) -> dict:
@@ -122,12 +128,12 @@ def _file_id(path: str | None) -> str | None:
 
 def openai_job_view(store: JobStore, job: Job) -> dict:
     hp = job.hyperparameters or {}
-    latest = store.events(job.id, type="metrics", newest_first=True, limit=1)
-    progress = (latest[0].data or {}) if latest else {}
+    latest = _latest_progress(store, job)
+    progress = (latest.data or {}) if latest else {}
     eta = progress.get("eta_seconds") if job.status == "running" else None
     # The ETA was measured when that progress event was written: the finish is then plus the ETA (not the
     # job's creation plus it, which lies in the past for any job that waited in the queue).
-    finish = latest[0].created_at + eta if latest and eta else None
+    finish = latest.created_at + eta if latest and eta else None
     return {
         "id": job.id,
         "object": "fine_tuning.job",
