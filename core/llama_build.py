@@ -67,11 +67,16 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def read_cpuinfo() -> str:
+    """/proc/cpuinfo's text, or "" where there is none (macOS, Windows)."""
+    path = Path("/proc/cpuinfo")
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """The feature flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
     if cpuinfo is None:
-        path = Path("/proc/cpuinfo")
-        cpuinfo = path.read_text(errors="replace") if path.exists() else ""
+        cpuinfo = read_cpuinfo()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "flags":

@@ -93,17 +93,13 @@ def thread_info() -> dict:
 
 
 def cpu_info() -> dict:
+    cpuinfo = llama_build.read_cpuinfo()
     model = next(
-        (line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
         platform.processor(),
     )
-    flags = llama_build.cpu_flags(_cpuinfo())
+    flags = llama_build.cpu_flags(cpuinfo)
     return {"model": model, "machine": platform.machine(), "amx": sorted(f for f in flags if f.startswith("amx"))}
-
-
-def _cpuinfo() -> str:
-    path = Path("/proc/cpuinfo")
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 # --- the generation test --------------------------------------------------------------------------
