@@ -31,13 +31,16 @@ def render(
     add_generation_prompt: bool,
     bos_token: str | None = None,
     eos_token: str | None = None,
+    tools: list[dict] | None = None,
 ) -> str:
+    """`tools` (OpenAI's function list) is handed to templates that render tools; others ignore it."""
     try:
         return _compile(template).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token or "",
             eos_token=eos_token or "",
+            **({"tools": tools} if tools else {}),
         )
     except jinja2.exceptions.TemplateError as exc:
         raise ScalpelError(
@@ -58,7 +61,7 @@ def segments(
     Each assistant answer is what the template adds after the generation prompt, so training
     sees exactly the prompt text that serving will send, and takes the loss on the answer only.
     """
-    kw = dict(bos_token=bos_token, eos_token=eos_token)
+    kw: dict = dict(bos_token=bos_token, eos_token=eos_token)
     pieces: list[tuple[str, bool]] = []
     done = ""
     for i, message in enumerate(messages):

@@ -33,7 +33,9 @@ class GenerationParams:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
-    json_object: bool = False
+    json_object: bool = False  # constrain the answer to JSON (llama.cpp's JSON grammar)
+    grammar: str | None = None  # or to this GBNF grammar (root rule `root`); wins over json_object
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
 
 @dataclass
@@ -176,7 +178,7 @@ class Engine:
             listener(time.perf_counter() - begun)
 
     # --- generation -----------------------------------------------------------------------------
-    def chat_tokens(self, messages: list[dict]) -> list[int]:
+    def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The prompt exactly as training rendered it: the base's template, then its BOS rule."""
         text = chat.render(
             self.base.chat_template,
@@ -184,6 +186,7 @@ class Engine:
             add_generation_prompt=True,
             bos_token=self.base.bos_token,
             eos_token=self.base.eos_token,
+            tools=tools,
         )
         add_bos = chat.needs_bos(text, add_bos=self.base.add_bos, bos_token=self.base.bos_token)
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
@@ -203,6 +206,17 @@ class Engine:
         """A raw completion prompt: tokenized as is, with the model's BOS rule."""
         add_bos = chat.needs_bos(text, add_bos=self.base.add_bos, bos_token=self.base.bos_token)
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """llama-server's /tokenize: `add_special` adds BOS as the model asks, `parse_special` reads <|tags|>."""
+        add_bos = add_special and chat.needs_bos(text, add_bos=self.base.add_bos, bos_token=self.base.bos_token)
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        if bad := [t for t in tokens if not 0 <= t < n_vocab]:
+            raise ScalpelError(f"token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}", param="tokens")
+        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
 
     def generate(
         self,
@@ -245,7 +259,18 @@ class Engine:
         completion: list[int] = []
         pending: list[tuple[int, dict]] = []  # (end offset in text, logprob entry) not yet released
         finish, cut_at_stop = "length", False
-        grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False) if params.json_object else None
+        gbnf = params.grammar or (JSON_GBNF if params.json_object else None)
+        grammar = LlamaGrammar.from_string(gbnf, verbose=False) if gbnf else None
+        biases = np.zeros(0)
+        if params.logit_bias:
+            ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
+            biases = np.array([b for _, b in params.logit_bias], dtype=np.float32)
+
+        def bias(_input_ids, logits):
+            logits[ids] += biases
+            return logits
+
+        processors = ([bias] if params.logit_bias else []) + ([keep_logits] if params.logprobs else [])
         generator = llm.generate(
             prompt,
             top_k=0,
@@ -256,7 +281,7 @@ class Engine:
             frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty,
             grammar=grammar,
-            logits_processor=llama_cpp.LogitsProcessorList([keep_logits]) if params.logprobs else None,
+            logits_processor=llama_cpp.LogitsProcessorList(processors) if processors else None,
         )
         try:
             for token in generator:
