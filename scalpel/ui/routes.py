@@ -27,7 +27,7 @@ from scalpel.jobs.responses import DashboardState
 from scalpel.jobs.routes import plan_job_view
 from serving.auth import client_key
 from serving.context import ServingContext, context
-from serving.openai_routes import all_models
+from serving.model_names import all_models
 
 STATIC = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 PLOTS = ("loss.png", "lr.png", "concepts.png", "eval.png")
