@@ -287,6 +287,20 @@ class JobStore:
             self.add_event(job_id, "Cancellation requested; stopping the worker")
         return self.get(job_id)
 
+    def delete(self, job_id: str) -> Job:
+        """Remove a finished job and its events for good (a queued or running one must be cancelled first)."""
+        job = self.get(job_id)
+        if not job.final:
+            raise ConflictError(
+                f"job {job_id} is {job.status}; cancel it before deleting it", param="job_id", code="job_not_finished"
+            )
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            db.execute("COMMIT")
+        return job
+
     # ----- events -----
 
     def add_event(

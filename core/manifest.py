@@ -95,6 +95,16 @@ class UpdateInfo(_Part):
     retry_of: str | None = None
 
 
+class ImportSource(_Part):
+    """Where an imported version came from (`scalpel adapters import`, POST /api/adapters/{name}/import)."""
+
+    format: str  # "peft" (a PEFT folder, converted here) or "gguf" (a GGUF LoRA, stored as given)
+    source: str  # the path given to the CLI, or the uploaded file's id and name
+    sha256: str  # of the file as given: the GGUF, or the PEFT folder's adapter_model.safetensors
+    base_model: str | None = None  # the base the PEFT config names (base_model_name_or_path), if any
+    verify: dict[str, Any] | None = None  # conversion.verify's report, when logits were compared
+
+
 class Manifest(_Part):
     """One adapter version's manifest. Unknown top-level keys are kept in `model_extra`."""
 
@@ -113,6 +123,7 @@ class Manifest(_Part):
     created_at: str | None = None  # ISO 8601, UTC
     files: dict[str, str] = Field(default_factory=dict)  # path in the version folder -> sha256
     report: str | None = None  # the training report, relative to the version folder
+    imported_from: ImportSource | None = None  # set only on versions that were imported, not trained here
 
     def require_base(self) -> BaseRef:
         """The base model, for readers that cannot do without one (a benchmark's minimal manifest has none)."""

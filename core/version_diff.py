@@ -31,6 +31,8 @@ def _weight_change(a: adapter_store.AdapterVersion, b: adapter_store.AdapterVers
     """Relative L2 change of the LoRA update per module, ||dW_b - dW_a|| / ||dW_a|| with dW = B @ A (scaled alike)."""
     from safetensors.torch import load_file
 
+    if not ((a.path / WEIGHTS_NAME).is_file() and (b.path / WEIGHTS_NAME).is_file()):  # a GGUF-only import
+        return {"comparable": False, "reason": f"a version without PEFT weights ({WEIGHTS_NAME}): a GGUF import"}
     wa, wb = load_file(a.path / WEIGHTS_NAME), load_file(b.path / WEIGHTS_NAME)
     if wa.keys() != wb.keys():
         return {

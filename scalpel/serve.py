@@ -18,6 +18,7 @@ from scalpel.jobs.runner import JobRunner, RunnerSettings
 from scalpel.ui.routes import ui_router
 from serving.app import DEFAULT_ROUTERS, create_app
 from serving.engine import Engine
+from serving.engine_process import EngineProcess
 from serving.settings import AppSettings, EngineSettings
 
 
@@ -37,6 +38,7 @@ class ServeSettings(BaseSettings, EngineSettings, AppSettings):
     # /api/training/start without a dataset trains on this file (a path below SCALPEL_HOME or a file id)
     training_data: str | None = None
     max_concurrent_jobs: int = Field(RunnerSettings.max_concurrent, ge=1)
+    engine_process: bool = True  # the engine in its own process: a crash there is a 503 and a restart, not an outage
 
     def keys(self, role: str = "client") -> frozenset[str]:
         """The keys of one role: from the flags/env (api_keys, admin_keys) and the key file, where a line is
@@ -68,8 +70,9 @@ class ServeSettings(BaseSettings, EngineSettings, AppSettings):
         return AppSettings(**{**fields, "api_keys": self.keys("client"), "admin_keys": self.keys("admin")})
 
 
-def build(settings: ServeSettings) -> tuple[Engine, FastAPI]:
-    engine = Engine(model_store.get(settings.model), settings.engine_settings())
+def build(settings: ServeSettings) -> tuple[Engine | EngineProcess, FastAPI]:
+    kind = EngineProcess if settings.engine_process else Engine
+    engine = kind(model_store.get(settings.model), settings.engine_settings())
     for name in settings.preload:
         engine.load(adapter_store.resolve(name))
     runner = JobRunner(JobStore(), RunnerSettings(max_concurrent=settings.max_concurrent_jobs))

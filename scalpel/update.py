@@ -382,6 +382,14 @@ class EveningUpdate:
         """Read the live version, the new data (checked here, once), what is replayed and every suite, and score
         the live version where its manifest does not say how it does."""
         live = adapter_store.resolve(name)
+        if live.manifest.imported_from is not None or "training_config" not in (live.manifest.config or {}):
+            raise ScalpelError(
+                f"{live.ref} was imported, not trained here: an update continues a version's own training, so it "
+                "needs the training config and PEFT weights of a version scalpel trained (train one with "
+                "`scalpel train` and update that)",
+                param="adapter",
+                code="not_trained_here",
+            )
         base = model_store.get(live.manifest.require_base().name)
         new = load_examples(data)
         quality = check(new)

@@ -1,4 +1,8 @@
-"""The plan's adapter routes (/api/adapters/...): list, load, promote, roll back, diff, delete and unload."""
+"""The plan's adapter routes (/api/adapters/...): list, load, promote, roll back, diff, delete and unload.
+
+With the server setting attach_on_load, load also attaches the adapter to the base's name (the plan's flow:
+load, then chat with `"model": "<base>"`), and unload detaches it; serving.model_names reads the attachment.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from core import adapter_store, version_diff
 from core.errors import NotFoundError
 from serving.auth import admin_key
 from serving.context import ServingContext, context
+from serving.model_names import bare_name
 from serving.responses import (
     AdapterDetail,
     AdapterDiff,
@@ -42,7 +47,12 @@ def adapter_info(ctx: ServingContext, name: str, problems: list[str] | None = No
         "scale": ctx.default_scales.get(name, 1.0),
         "available": not problems,
         "problem": "; ".join(problems) or None,
+        "attached_to": ctx.engine.base.name if _attached_name(ctx) == name else None,
     }
+
+
+def _attached_name(ctx: ServingContext) -> str | None:
+    return ctx.attached.partition("@")[0] if ctx.attached else None
 
 
 def _listed() -> list[tuple[str, list[str]]]:
@@ -69,6 +79,9 @@ async def load_adapter(name: str, body: LoadAdapterRequest | None = None, ctx: S
     version = adapter_store.resolve(name if not body.version else f"{name}@{body.version}")
     loaded_ref = await anyio.to_thread.run_sync(ctx.engine.load, version)
     ctx.default_scales[name] = body.scale
+    if ctx.settings.attach_on_load:
+        # The base's name follows the adapter's live version, or keeps the version the load pinned.
+        ctx.attached = f"{name}@{body.version}" if body.version else name
     return {
         "name": name,
         "version": version.version,
@@ -76,6 +89,8 @@ async def load_adapter(name: str, body: LoadAdapterRequest | None = None, ctx: S
         "loaded": True,
         "scale": body.scale,
         "size_bytes": version.gguf.stat().st_size,
+        "attached_to": ctx.engine.base.name if ctx.settings.attach_on_load else None,
+        "bare_base": bare_name(ctx),
     }
 
 
@@ -101,18 +116,21 @@ async def delete_adapter_version(name: str, version: str, ctx: ServingContext = 
     await anyio.to_thread.run_sync(adapter_store.delete_version, name, version)
     for ref in [r for r in ctx.engine.loaded() if r == f"{name}@{version}"]:
         await anyio.to_thread.run_sync(ctx.engine.unload, ref)
+    if ctx.attached == f"{name}@{version}":
+        ctx.attached = None
     return {"name": name, "version": version, "deleted": True}
 
 
 @router.post("/{name}/unload", responses={200: {"model": AdapterUnloaded}})
 async def unload_adapter(name: str, body: LoadAdapterRequest | None = None, ctx: ServingContext = Depends(context)):
-    refs = [
-        r
-        for r in ctx.engine.loaded()
-        if r.split("@")[0] == name and (not (body and body.version) or r.endswith(f"@{body.version}"))
-    ]
-    if not refs:
+    version = body.version if body else None
+    refs = [r for r in ctx.engine.loaded() if r.split("@")[0] == name and (not version or r.endswith(f"@{version}"))]
+    # Detached when it is this adapter, unless the attachment pins another version than the one unloaded.
+    detach = _attached_name(ctx) == name and (not version or ctx.attached in (name, f"{name}@{version}"))
+    if not refs and not detach:
         raise NotFoundError(f"adapter {name!r} is not loaded", param="name", code="adapter_not_loaded")
     for ref in refs:
         await anyio.to_thread.run_sync(ctx.engine.unload, ref)
-    return {"name": name, "unloaded": refs}
+    if detach:
+        ctx.attached = None
+    return {"name": name, "unloaded": refs, "detached_from": ctx.engine.base.name if detach else None}

@@ -9,22 +9,31 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
-from serving import adapter_routes, openai_routes, ops_routes
+from serving import adapter_routes, embedding_routes, openai_routes, ops_routes, responses_api, token_routes
 from serving.context import ServingContext
 from serving.engine import Engine
+from serving.engine_process import EngineProcess
 from serving.metrics import Metrics
 from serving.middleware import Guard, install_error_handlers
 from serving.openapi import install_openapi
 from serving.settings import AppSettings
 
-# What a bare app serves: OpenAI's routes, the plan's adapter routes, /health and /metrics. The top
-# layer adds the job routes where jobs are served.
-DEFAULT_ROUTERS: tuple[APIRouter, ...] = (ops_routes.router, openai_routes.router, adapter_routes.router)
+# What a bare app serves: OpenAI's routes (chat, completions, embeddings, responses), llama-server's
+# /tokenize and /detokenize, the plan's adapter routes, /health and /metrics. The top layer adds the job
+# routes where jobs are served.
+DEFAULT_ROUTERS: tuple[APIRouter, ...] = (
+    ops_routes.router,
+    openai_routes.router,
+    embedding_routes.router,
+    responses_api.router,
+    token_routes.router,
+    adapter_routes.router,
+)
 Lifespan = Callable[[], AbstractAsyncContextManager[None]]
 
 
 def create_app(
-    engine: Engine,
+    engine: Engine | EngineProcess,
     settings: AppSettings | None = None,
     *,
     routers: Sequence[APIRouter] = DEFAULT_ROUTERS,

@@ -1,52 +1,67 @@
-"""The llama.cpp engine: one quantized base, adapters kept loaded beside it and switched per request, never merged."""
+"""The llama.cpp engine: one quantized base, adapters kept loaded beside it, and every request decoded in one loop.
+
+One llama.cpp context holds several sequences (KV slots, serving/slots.py). A single engine thread owns the
+context and runs a continuous-batching loop (the shape of llama-server's and vLLM's schedulers):
+
+- a new request takes a free slot, preferring one whose cache already holds a prefix of its prompt under its
+  own adapter set, and joins at the next step;
+- each step decodes one token for every running request; requests with the same adapter set share one
+  `llama_decode`, and each adapter set in turn is applied with `llama_set_adapters_lora` (adapters are never
+  merged into the base);
+- prompts are evaluated in blocks of `prompt_block` tokens aligned to absolute positions, one request per call,
+  so a prompt token is computed in the same batch shape whether its prefix was cached or not;
+- every request samples with its own llama.cpp sampler chain (serving/sampling.py).
+
+Callers on other threads only queue work (`generate`, `score`, `load`, `unload`) and read its results.
+"""
 
 from __future__ import annotations
 
-import codecs
+import concurrent.futures
 import ctypes
-import random
+import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
-from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
-from core import adapter_store, chat, threads
+from core import adapter_store, threads
 from core.errors import ConflictError, ScalpelError
 from core.gguf_meta import BASE_FINGERPRINT_KEY, read_gguf
 from core.model_store import ModelEntry
-from serving.queue import Cancelled, FairQueue, Ticket
+from serving.queue import FairQueue, ShuttingDown, Ticket
+from serving.sampling import GenerationParams, Sampler, logprob_entry
 from serving.settings import EngineSettings
+from serving.slots import AdapterSet, Slot, SlotTable
+from serving.text_stream import Piece, TextStream
+from serving.tokenizer import Tokenizer, quiet_llama_logs
+
+__all__ = ["PROBE_PROMPT", "AdapterSet", "Engine", "EngineDown", "GenerationParams", "Piece", "Scores"]
+
+PROBE_PROMPT = "Hello, world."  # evaluated with every adapter as it loads: its logits must be finite
+SCORE_BATCH = 512  # tokens per llama_decode when scoring a text (and the context's n_batch)
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: bool = False
-    top_logprobs: int = 0
-    json_object: bool = False  # constrain the answer to JSON (llama.cpp's JSON grammar)
-    grammar: str | None = None  # or to this GBNF grammar (root rule `root`); wins over json_object
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+def answer_room(n_ctx: int, n_prompt: int, max_tokens: int | None) -> int:
+    """The answer's room in one slot; a prompt that does not fit is refused before it is queued."""
+    if n_prompt >= n_ctx:
+        raise ScalpelError(
+            f"the prompt has {n_prompt} tokens but the context holds {n_ctx}",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return n_ctx - n_prompt if max_tokens is None else min(max_tokens, n_ctx - n_prompt)
 
 
-@dataclass
-class Piece:
-    """Newly released completion text, with its tokens' log-probabilities when asked for."""
+class EngineDown(ScalpelError):
+    """The engine stopped (it crashed or the server is shutting down) while the request was in it."""
 
-    text: str
-    logprobs: list[dict] = field(default_factory=list)
-    finish_reason: str | None = None
-    usage: dict | None = None
-    completion_ids: list[int] | None = None  # on the last piece: every sampled token (evaluation uses them)
+    status = 503
+    type = "server_error"
 
 
 @dataclass
@@ -58,12 +73,30 @@ class Scores:
     margins: np.ndarray  # top-1 minus top-2 logit: how decided that choice was
 
 
-AdapterSet = tuple[tuple[str, float], ...]  # ((adapter ref "name@vN", scale), ...)
-PROBE_PROMPT = "Hello, world."  # evaluated with every adapter as it loads: its logits must be finite
+class _Request:
+    """One generation inside the engine loop."""
+
+    def __init__(self, tokens, adapters, params, max_tokens, sampler, emit, cancelled):
+        self.tokens: list[int] = tokens
+        self.adapters: AdapterSet = adapters
+        self.params: GenerationParams = params
+        self.max_tokens: int = max_tokens
+        self.sampler = sampler
+        self.emit: Callable[[Piece | BaseException | None], None] = emit  # None: the end
+        self.cancelled: threading.Event | None = cancelled
+        self.gone = threading.Event()  # the reader stopped reading
+        self.stream = TextStream(params.stop, len(tokens))
+        self.slot: Slot | None = None
+        self.n_done = 0  # prompt tokens in the slot's cache
+        self.next_token: int | None = None  # sampled, not yet decoded
+
+    @property
+    def stopped(self) -> bool:
+        return self.gone.is_set() or (self.cancelled is not None and self.cancelled.is_set())
 
 
 class Engine:
-    """Holds the base model; every generation runs under one lock with exactly its own adapter set."""
+    """Holds the base model and its context; the engine thread is the only one that touches the context."""
 
     def __init__(self, base: ModelEntry, settings: EngineSettings = EngineSettings()):
         self.base = base
@@ -71,28 +104,75 @@ class Engine:
         # The same count for decoding and for prompt evaluation (llama-cpp-python's defaults are
         # cpu_count // 2 and cpu_count, which starve or oversubscribe a small VM).
         self.threads = threads.resolve(settings.threads)
-        self.llm = llama_cpp.Llama(
-            model_path=base.gguf,
-            n_ctx=settings.n_ctx,
-            n_threads=self.threads,
-            n_threads_batch=self.threads,
-            n_gpu_layers=settings.n_gpu_layers,
-            use_mmap=settings.use_mmap,
-            verbose=False,
-        )
-        self._lock = threading.Lock()  # the llama.cpp model and context: one user at a time
-        self.queue = FairQueue(settings.max_waiting)
+        llama_cpp.llama_backend_init()
+        quiet_llama_logs()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = settings.n_gpu_layers
+        mparams.use_mmap = settings.use_mmap
+        self.model = llama_cpp.llama_model_load_from_file(str(base.gguf).encode(), mparams)
+        if not self.model:
+            raise ScalpelError(f"llama.cpp could not load the model {base.name!r}", code="model_unreadable")
+        self.tokenizer = Tokenizer(base, self.model)
+        cparams = llama_cpp.llama_context_default_params()
+        n_seqs = settings.slots + 1  # the last sequence is the engine's scratch space (scoring, probes)
+        cparams.n_ctx = settings.n_ctx * n_seqs
+        cparams.n_batch = cparams.n_ubatch = max(SCORE_BATCH, settings.prompt_block, n_seqs)
+        cparams.n_seq_max = n_seqs
+        cparams.kv_unified = False  # one KV stream per sequence: a request's attention never sees another's cells
+        cparams.n_threads = cparams.n_threads_batch = self.threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise ScalpelError("llama.cpp could not create a context for these settings", code="context_failed")
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)  # per slot
+        self._memory = llama_cpp.llama_get_memory(self.ctx)
+        self._scratch = settings.slots
+        self._batch = llama_cpp.llama_batch_init(cparams.n_batch, 0, 1)
+        self.slots = SlotTable(settings.slots, settings.prompt_block)
+        self.queue = FairQueue(settings.max_waiting, running=settings.slots)  # admission: a bounded line, 429 beyond it
+
         self._loaded: dict[str, ctypes.c_void_p] = {}  # adapter ref -> llama_adapter_lora pointer
+        self._retired: dict[str, ctypes.c_void_p] = {}  # unloaded while a request still used them
         self._versions: dict[str, adapter_store.AdapterVersion] = {}  # every ref ever loaded, to reload
         self._applied: AdapterSet = ()
         self.adapter_switches = 0
         self.cancelled_generations = 0  # stopped early because the client went away
+        self.state = "ready"  # as /health reports it (an EngineProcess is also "restarting" after a crash)
+        self.steps = 0  # decode steps run (a step decodes every running request once)
         self._switch_listeners: list[Callable[[float], None]] = []  # told each switch's seconds (metrics)
-        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+
+        self._cond = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._tasks: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
+        self._active: list[_Request] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="scalpel-engine", daemon=True)
+        self._thread.start()
 
     def add_switch_listener(self, listener: Callable[[float], None]) -> None:
         """Call `listener` with the seconds every later adapter-set change takes."""
         self._switch_listeners.append(listener)
+
+    # --- the tokenizer's face -------------------------------------------------------------------
+    def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self.tokenizer.chat_tokens(messages, tools)
+
+    def text_tokens(self, text: str) -> list[int]:
+        return self.tokenizer.text_tokens(text)
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.tokenizer.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.tokenizer.detokenize(tokens)
+
+    def check_fits(self, n_prompt: int, max_tokens: int | None) -> int:
+        return answer_room(self.n_ctx, n_prompt, max_tokens)
+
+    def wake(self) -> None:
+        """Have the engine loop look at its requests now (one was cancelled from outside)."""
+        with self._cond:
+            self._cond.notify_all()
 
     # --- adapters -------------------------------------------------------------------------------
     def loaded(self) -> list[str]:
@@ -115,109 +195,84 @@ class Engine:
                 param="model",
                 code="base_mismatch",
             )
-        with self._lock:
-            self._init_adapter(version)
+        self._call(lambda: self._init_adapter(version, probe=True))
         return version.ref
 
-    def _init_adapter(self, version: adapter_store.AdapterVersion) -> None:
-        """Called with the lock held."""
-        if version.ref in self._loaded:
-            return
-        pointer = llama_cpp.llama_adapter_lora_init(self.llm.model, str(version.gguf).encode())
+    def unload(self, ref: str) -> None:
+        self._call(lambda: self._unload(ref))
+
+    def _init_adapter(self, version: adapter_store.AdapterVersion, *, probe: bool) -> ctypes.c_void_p:
+        if (pointer := self._loaded.get(version.ref) or self._retired.pop(version.ref, None)) is not None:
+            self._loaded[version.ref] = pointer
+            return pointer
+        pointer = llama_cpp.llama_adapter_lora_init(self.model, str(version.gguf).encode())
         if not pointer:
             raise ScalpelError(f"llama.cpp could not load {version.ref}", param="model", code="invalid_adapter")
-        self._loaded[version.ref] = pointer
-        self._versions[version.ref] = version
-        if not self._probe_finite(version.ref):
-            del self._loaded[version.ref], self._versions[version.ref]
+        if probe and not self._probe_finite(pointer):
             llama_cpp.llama_adapter_lora_free(pointer)
             raise ConflictError(
                 f"{version.ref} gives non-finite logits (NaN or infinity) on a probe prompt: its weights are damaged",
                 param="model",
                 code="adapter_not_finite",
             )
+        self._loaded[version.ref] = pointer
+        self._versions[version.ref] = version
+        return pointer
 
-    def _probe_finite(self, ref: str) -> bool:
-        """Evaluate a short prompt with the adapter alone and check every logit is finite. Lock held."""
-        self._set_adapters(((ref, 1.0),))
+    def _probe_finite(self, pointer: ctypes.c_void_p) -> bool:
+        """Evaluate a short prompt with the adapter alone, in the scratch sequence; every logit must be finite."""
+        tokens = self.text_tokens(PROBE_PROMPT)
+        self._apply_pointers([pointer], [1.0], (("(probe)", 1.0),))
         try:
-            self.llm.eval(self.text_tokens(PROBE_PROMPT))
-            n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
+            self._decode_seq(self._scratch, tokens, 0, last_logits=True)
+            logits = self._logits(len(tokens) - 1)
             return bool(np.isfinite(logits).all())
         finally:
-            self.llm.reset()
-            self._set_adapters(())  # the next request applies its own set
+            llama_cpp.llama_memory_seq_rm(self._memory, self._scratch, -1, -1)
+            self._apply(())
 
-    def unload(self, ref: str) -> None:
-        with self._lock:
-            pointer = self._loaded.pop(ref, None)
-            if pointer is None:
-                return
+    def _unload(self, ref: str) -> None:
+        pointer = self._loaded.pop(ref, None)
+        if pointer is None:
+            return
+        for slot in self.slots.forget(ref):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+        self._retired[ref] = pointer
+        self._free_retired()
+
+    def _free_retired(self) -> None:
+        """Free unloaded adapters that no queued or running request still uses."""
+        used = {ref for r in (*self._active, *self._waiting) for ref, _ in r.adapters}
+        for ref in [r for r in self._retired if r not in used]:
             if any(r == ref for r, _ in self._applied):
-                self._set_adapters(())
-            llama_cpp.llama_adapter_lora_free(pointer)
+                self._apply(())
+            llama_cpp.llama_adapter_lora_free(self._retired.pop(ref))
 
-    def _set_adapters(self, adapters: AdapterSet) -> None:
-        """Apply an adapter set to the context. Called with the lock held."""
+    def _apply(self, adapters: AdapterSet) -> None:
+        """Apply an adapter set to the context (engine thread). The KV slots are keyed by it, so nothing is reset."""
         if adapters == self._applied:
             return
-        for ref, _ in adapters:  # unloaded after this request chose it: the request still gets it
-            self._init_adapter(self._versions[ref])
+        # unloaded after a request chose it: the request still gets it
+        pointers = [
+            self._loaded.get(r) or self._retired.get(r) or self._init_adapter(self._versions[r], probe=False)
+            for r, _ in adapters
+        ]
+        self._apply_pointers(pointers, [s for _, s in adapters], adapters)
+
+    def _apply_pointers(self, pointers: list, scales: list[float], adapters: AdapterSet) -> None:
         begun = time.perf_counter()
-        n = len(adapters)
-        pointers = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[self._loaded[r] for r, _ in adapters])  # type: ignore[misc]  # c_void_p handles, as llama.cpp gave them
-        scales = (ctypes.c_float * max(n, 1))(*[s for _, s in adapters])
-        if llama_cpp.llama_set_adapters_lora(self.llm.ctx, pointers, n, scales):
-            raise ScalpelError("llama.cpp refused the adapter set", code="adapter_apply_failed", status=500)
-        # The KV cache was computed with other weights: never let a prefix match reuse it.
-        self.llm.reset()
+        n = len(pointers)
+        array = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*pointers)  # llama.cpp's own handles
+        factors = (ctypes.c_float * max(n, 1))(*scales)
+        if llama_cpp.llama_set_adapters_lora(self.ctx, array, n, factors):
+            raise ScalpelError("llama.cpp refused the adapter set", code="adapter_apply_failed", status=503)
         self._applied = adapters
         self.adapter_switches += 1
+        elapsed = time.perf_counter() - begun
         for listener in self._switch_listeners:
-            listener(time.perf_counter() - begun)
+            listener(elapsed)
 
-    # --- generation -----------------------------------------------------------------------------
-    def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """The prompt exactly as training rendered it: the base's template, then its BOS rule."""
-        text = chat.render(
-            self.base.chat_template,
-            messages,
-            add_generation_prompt=True,
-            bos_token=self.base.bos_token,
-            eos_token=self.base.eos_token,
-            tools=tools,
-        )
-        add_bos = chat.needs_bos(text, add_bos=self.base.add_bos, bos_token=self.base.bos_token)
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
-
-    def check_fits(self, n_prompt: int, max_tokens: int | None) -> int:
-        n_ctx = self.llm.n_ctx()
-        if n_prompt >= n_ctx:
-            raise ScalpelError(
-                f"the prompt has {n_prompt} tokens but the context holds {n_ctx}",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        room = n_ctx - n_prompt
-        return room if max_tokens is None else min(max_tokens, room)
-
-    def text_tokens(self, text: str) -> list[int]:
-        """A raw completion prompt: tokenized as is, with the model's BOS rule."""
-        add_bos = chat.needs_bos(text, add_bos=self.base.add_bos, bos_token=self.base.bos_token)
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
-
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        """llama-server's /tokenize: `add_special` adds BOS as the model asks, `parse_special` reads <|tags|>."""
-        add_bos = add_special and chat.needs_bos(text, add_bos=self.base.add_bos, bos_token=self.base.bos_token)
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=parse_special)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        if bad := [t for t in tokens if not 0 <= t < n_vocab]:
-            raise ScalpelError(f"token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}", param="tokens")
-        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
-
+    # --- requests -------------------------------------------------------------------------------
     def generate(
         self,
         tokens: list[int],
@@ -227,171 +282,285 @@ class Engine:
         ticket: Ticket | None = None,
         cancelled: threading.Event | None = None,
     ) -> Iterator[Piece]:
-        """Decode token by token with llama.cpp's sampler, releasing text as it becomes final.
+        """Decode with llama.cpp's sampler, releasing text as it becomes final.
 
         Text that could still turn into a stop sequence is held back; the last Piece carries the
         finish_reason and exact usage (every sampled token but an end-of-generation one).
         """
         max_tokens = self.check_fits(len(tokens), params.max_tokens)
         ticket = ticket or self.queue.reserve()
+        out: queue.SimpleQueue = queue.SimpleQueue()
         try:
-            with self.queue.turn(ticket, cancelled), self._lock:
-                self._set_adapters(adapters)
-                yield from self._decode(tokens, params, max_tokens, cancelled)
-        except Cancelled:
-            return
+            request = self.submit(tokens, adapters, params, out.put, cancelled=cancelled, max_tokens=max_tokens)
+        except BaseException:
+            self.queue.release(ticket)
+            raise
+        return self._read(out, request, ticket)
 
-    def _decode(
-        self, prompt: list[int], params: GenerationParams, max_tokens: int, cancelled: threading.Event | None
-    ) -> Iterator[Piece]:
-        llm = self.llm
-        llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
-        step_logits: list[np.ndarray] = []  # the logits of the step just sampled, nothing older
-
-        def keep_logits(_input_ids, logits):
-            step_logits[:] = [np.array(logits, dtype=np.float32)]
-            return logits
-
-        stops = params.stop or []
-        holdback = max((len(s) for s in stops), default=1) - 1
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text, released = "", 0
-        completion: list[int] = []
-        pending: list[tuple[int, dict]] = []  # (end offset in text, logprob entry) not yet released
-        finish, cut_at_stop = "length", False
-        gbnf = params.grammar or (JSON_GBNF if params.json_object else None)
-        grammar = LlamaGrammar.from_string(gbnf, verbose=False) if gbnf else None
-        biases = np.zeros(0)
-        if params.logit_bias:
-            ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
-            biases = np.array([b for _, b in params.logit_bias], dtype=np.float32)
-
-        def bias(_input_ids, logits):
-            logits[ids] += biases
-            return logits
-
-        processors = ([bias] if params.logit_bias else []) + ([keep_logits] if params.logprobs else [])
-        generator = llm.generate(
-            prompt,
-            top_k=0,
-            top_p=params.top_p,
-            min_p=0.0,
-            temp=params.temperature,
-            repeat_penalty=1.0,
-            frequency_penalty=params.frequency_penalty,
-            presence_penalty=params.presence_penalty,
-            grammar=grammar,
-            logits_processor=llama_cpp.LogitsProcessorList(processors) if processors else None,
-        )
+    def _read(self, out: queue.SimpleQueue, request: _Request, ticket: Ticket) -> Iterator[Piece]:
         try:
-            for token in generator:
-                if llama_cpp.llama_token_is_eog(self._vocab, token):
-                    finish = "stop"
-                    break
-                piece = llm.detokenize([token], prev_tokens=prompt + completion)
-                completion.append(token)
-                text += decoder.decode(piece)
-                if params.logprobs:
-                    pending.append((len(text), self._logprob_entry(token, piece, step_logits[-1], params.top_logprobs)))
-                cut = min((i for i in (text.find(s, max(released - holdback, 0)) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    text, finish, cut_at_stop = text[:cut], "stop", True
-                    break
-                if len(completion) >= max_tokens:
-                    break
-                safe = len(text) - holdback if stops else len(text)
-                if safe > released:
-                    yield self._release(text, released, safe, pending)
-                    released = safe
-                if cancelled is not None and cancelled.is_set():
-                    self.cancelled_generations += 1
-                    return
+            while (item := out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            generator.close()
-        if not cut_at_stop:
-            text += decoder.decode(b"", final=True)
-        last = self._release(text, released, len(text), pending)
-        last.finish_reason = finish
-        last.completion_ids = completion
-        last.usage = {
-            "prompt_tokens": len(prompt),
-            "completion_tokens": len(completion),
-            "total_tokens": len(prompt) + len(completion),
-        }
-        yield last
+            request.gone.set()
+            self.queue.release(ticket)
+            with self._cond:
+                self._cond.notify_all()
+
+    def submit(
+        self,
+        tokens: list[int],
+        adapters: AdapterSet,
+        params: GenerationParams,
+        emit: Callable[[Piece | BaseException | None], None],
+        *,
+        cancelled: threading.Event | None = None,
+        max_tokens: int | None = None,
+    ) -> _Request:
+        """Queue a generation whose pieces go to `emit`, from the engine thread; `None` marks the end."""
+        if not tokens:
+            raise ScalpelError("the prompt is empty", param="prompt")
+        for ref, _ in adapters:
+            if ref not in self._loaded and ref not in self._versions:
+                raise ScalpelError(f"the adapter {ref!r} is not loaded", param="model", code="adapter_not_loaded")
+        max_tokens = max_tokens if max_tokens is not None else self.check_fits(len(tokens), params.max_tokens)
+        sampler = Sampler(params, self.tokenizer.vocab, self.tokenizer.n_vocab)  # a bad grammar fails here
+        request = _Request(list(tokens), adapters, params, max_tokens, sampler, emit, cancelled)
+        with self._cond:
+            if self._closed:
+                sampler.free()
+                raise ShuttingDown("the server is shutting down", code="shutting_down")
+            self._waiting.append(request)
+            self._cond.notify_all()
+        return request
 
     def score(self, tokens: list[int], adapters: AdapterSet) -> Scores:
         """Teacher-forced scoring under an adapter set: for every token after the first, its log-probability
         given the tokens before it, the token the model would have chosen there (greedy), and by how much
         (top-1 minus top-2 logit).
 
-        Used for perplexity and for agreement with reference answers; it runs in the same queue, under the
-        same lock and with the same adapter switching as generation, so it measures what is served.
+        Used for perplexity and for agreement with reference answers; it runs on the engine thread with the
+        same adapter switching as generation, so it measures what is served.
         """
         self.check_fits(len(tokens), 0)
-        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        logprobs, choices = np.zeros(len(tokens) - 1, np.float64), np.zeros(len(tokens) - 1, np.int64)
-        margins = np.zeros(len(tokens) - 1, np.float64)
-        ticket = self.queue.reserve()
-        with self.queue.turn(ticket, None), self._lock:
-            self._set_adapters(adapters)
-            ctx, step = self.llm.ctx, self.llm.n_batch
-            self.llm.reset()  # the next generation re-evaluates its prompt from position 0
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-            try:
-                for start in range(0, len(tokens), step):
-                    chunk = tokens[start : start + step]
-                    batch = llama_cpp.llama_batch_init(len(chunk), 0, 1)
-                    try:
-                        batch.n_tokens = len(chunk)
-                        for i, token in enumerate(chunk):
-                            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + i, 1
-                            batch.seq_id[i][0], batch.logits[i] = 0, True
-                        if llama_cpp.llama_decode(ctx, batch) != 0:
-                            raise ScalpelError(
-                                "llama.cpp could not evaluate the text", code="decode_failed", status=500
-                            )
-                        for i in range(len(chunk)):
-                            position = start + i
-                            if position + 1 >= len(tokens):
-                                break
-                            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
-                            shifted = logits.astype(np.float64) - logits.max()
-                            logprobs[position] = shifted[tokens[position + 1]] - np.log(np.exp(shifted).sum())
-                            top2 = np.partition(logits, -2)[-2:]
-                            choices[position], margins[position] = int(logits.argmax()), float(top2[1] - top2[0])
-                    finally:
-                        llama_cpp.llama_batch_free(batch)
-            finally:
-                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        return self._call(lambda: self._score(tokens, adapters))  # type: ignore[return-value]
+
+    def _score(self, tokens: list[int], adapters: AdapterSet) -> Scores:
+        n = len(tokens) - 1
+        logprobs, choices, margins = np.zeros(n, np.float64), np.zeros(n, np.int64), np.zeros(n, np.float64)
+        self._apply(adapters)
+        seq = self._scratch
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        try:
+            for start in range(0, len(tokens), SCORE_BATCH):
+                chunk = tokens[start : start + SCORE_BATCH]
+                self._decode_seq(seq, chunk, start, last_logits=False)
+                for i in range(len(chunk)):
+                    position = start + i
+                    if position >= n:
+                        break
+                    logits = self._logits(i)
+                    shifted = logits.astype(np.float64) - logits.max()
+                    logprobs[position] = shifted[tokens[position + 1]] - np.log(np.exp(shifted).sum())
+                    top2 = np.partition(logits, -2)[-2:]
+                    choices[position], margins[position] = int(logits.argmax()), float(top2[1] - top2[0])
+        finally:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
         return Scores(logprobs, choices, margins)
 
-    @staticmethod
-    def _release(text: str, start: int, end: int, pending: list[tuple[int, dict]]) -> Piece:
-        ready = [entry for offset, entry in pending if offset <= end]
-        del pending[: len(ready)]
-        return Piece(text=text[start:end], logprobs=ready)
+    def _call(self, work: Callable[[], object]) -> object:
+        """Run `work` on the engine thread between two steps and return its result (or raise its error)."""
+        if threading.current_thread() is self._thread:
+            return work()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down", code="shutting_down")
+            self._tasks.append((work, future))
+            self._cond.notify_all()
+        return future.result()
 
-    def _logprob_entry(self, token: int, piece: bytes, logits: np.ndarray, top: int) -> dict:
-        shifted = logits - logits.max()
-        logprobs = shifted - np.log(np.exp(shifted).sum())
-        best: list[int] = [int(t) for t in np.argsort(-logprobs)[:top]] if top else []
-        top_pieces = [(int(t), self.llm.detokenize([int(t)])) for t in best]
-        return {
-            "token": piece.decode("utf-8", errors="replace"),
-            "logprob": float(logprobs[token]),
-            "bytes": list(piece),
-            "top_logprobs": [
-                {"token": raw.decode("utf-8", errors="replace"), "logprob": float(logprobs[t]), "bytes": list(raw)}
-                for t, raw in top_pieces
-            ],
-        }
+    # --- the engine loop ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closed or self._tasks or self._waiting or self._active):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                tasks = list(self._tasks)
+                self._tasks.clear()
+            for work, future in tasks:
+                try:
+                    future.set_result(work())
+                except BaseException as exc:  # handed to the caller's thread
+                    future.set_exception(exc)
+            self._admit()
+            if self._active:
+                self._step()
+        self._shut_down()
 
+    def _admit(self) -> None:
+        """Give waiting requests free slots, first come first served; drop those whose client left."""
+        with self._cond:
+            while self._waiting:
+                request = self._waiting[0]
+                if request.stopped:
+                    self._waiting.popleft()
+                    self.cancelled_generations += 1
+                    self._end(request)
+                    continue
+                taken = self.slots.take(request.adapters, request.tokens)
+                if taken is None:
+                    return
+                self._waiting.popleft()
+                request.slot, request.n_done = taken
+                llama_cpp.llama_memory_seq_rm(self._memory, request.slot.seq, request.n_done, -1)
+                self._active.append(request)
+
+    def _step(self) -> None:
+        """Decode one token for every running request (grouped by adapter set), then one prompt block each for
+        requests still reading their prompt."""
+        for request in [r for r in self._active if r.stopped]:
+            self.cancelled_generations += 1
+            self._end(request)
+        groups: dict[AdapterSet, list[_Request]] = {}
+        for request in self._active:
+            if request.next_token is not None:
+                groups.setdefault(request.adapters, []).append(request)
+        alone = self.settings.deterministic  # every request in its own call: the batch shape of a lone request
+        batches = [part for group in groups.values() for part in ([[r] for r in group] if alone else [group])]
+        for group in batches:
+            try:
+                self._apply(group[0].adapters)
+                self._decode_tokens(group)
+            except ScalpelError as exc:
+                for request in group:
+                    self._end(request, exc)
+                continue
+            for i, request in enumerate(group):
+                self._sample(request, i)
+        for request in [r for r in self._active if r.next_token is None]:
+            try:
+                self._apply(request.adapters)
+                self._prefill_block(request)
+            except ScalpelError as exc:
+                self._end(request, exc)
+        self.steps += 1
+
+    def _decode_tokens(self, group: list[_Request]) -> None:
+        batch = self._batch
+        batch.n_tokens = len(group)
+        for i, request in enumerate(group):
+            assert request.slot is not None and request.next_token is not None
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = request.next_token, len(request.slot.tokens), 1
+            batch.seq_id[i][0], batch.logits[i] = request.slot.seq, True
+        self._decode()
+        for request in group:
+            assert request.slot is not None and request.next_token is not None
+            request.slot.tokens.append(request.next_token)
+            request.next_token = None
+
+    def _prefill_block(self, request: _Request) -> None:
+        """Evaluate the next prompt block, [n_done, the next multiple of prompt_block or the prompt's end)."""
+        slot, block = request.slot, self.settings.prompt_block
+        assert slot is not None
+        start = request.n_done
+        end = min(len(request.tokens), (start // block + 1) * block)
+        self._decode_seq(slot.seq, request.tokens[start:end], start, last_logits=end == len(request.tokens))
+        slot.tokens.extend(request.tokens[start:end])
+        if end % block == 0 and slot.exact == start:
+            slot.exact = end  # a whole aligned block: later requests may reuse it
+        request.n_done = end
+        if end == len(request.tokens):
+            self._sample(request, end - start - 1)
+
+    def _decode_seq(self, seq: int, tokens: list[int], pos: int, *, last_logits: bool) -> None:
+        """Evaluate tokens of one sequence at positions pos.. in one call (logits for all, or the last only)."""
+        batch = self._batch
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos + i, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, (not last_logits) or i == len(tokens) - 1
+        self._decode()
+
+    def _decode(self) -> None:
+        if (status := llama_cpp.llama_decode(self.ctx, self._batch)) != 0:
+            raise EngineDown(f"llama.cpp could not evaluate the batch (status {status})", code="decode_failed")
+
+    def _logits(self, index: int) -> np.ndarray:
+        pointer = llama_cpp.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(pointer, shape=(self.tokenizer.n_vocab,))
+
+    def _sample(self, request: _Request, index: int) -> None:
+        """Sample the request's next token from output row `index`, release its text, and finish it if done."""
+        params = request.params
+        logits = self._logits(index).copy() if params.logprobs else None
+        token = request.sampler.sample(self.ctx, index)  # also accepts it
+        if self.tokenizer.is_eog(token):
+            self._finish(request, "stop")
+            return
+        entry = logprob_entry(token, logits, params.top_logprobs, self.tokenizer.piece) if logits is not None else None
+        piece = request.stream.add(token, self.tokenizer.piece(token), entry)
+        if request.stream.stopped:
+            self._finish(request, "stop")
+            return
+        if piece is not None:
+            request.emit(piece)
+        if len(request.stream.completion) >= request.max_tokens:
+            self._finish(request, "length")
+            return
+        request.next_token = token
+
+    def _finish(self, request: _Request, reason: str) -> None:
+        request.emit(request.stream.finish(reason))
+        self._end(request)
+
+    def _end(self, request: _Request, error: BaseException | None = None) -> None:
+        if error is not None:
+            request.emit(error)
+        request.emit(None)
+        if request in self._active:
+            self._active.remove(request)
+        if request.slot is not None:
+            self.slots.release(request.slot)
+            request.slot = None
+        if request.sampler is not None:
+            request.sampler.free()
+            request.sampler = None
+        if self._retired:
+            self._free_retired()
+
+    # --- shutting down --------------------------------------------------------------------------
     def close(self) -> None:
         self.queue.close()
-        with self._lock:
-            self._set_adapters(())
-            for pointer in self._loaded.values():
-                llama_cpp.llama_adapter_lora_free(pointer)
-            self._loaded.clear()
-        self.llm.close()
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        self.state = "stopped"
+
+    def _shut_down(self) -> None:
+        """On the engine thread: end every request and task, then free llama.cpp's objects."""
+        down = ShuttingDown("the server is shutting down", code="shutting_down")
+        with self._cond:
+            pending = [*self._active, *self._waiting]
+            tasks = list(self._tasks)
+            self._waiting.clear()
+            self._tasks.clear()
+        for request in pending:
+            self._end(request, down)
+        for _, future in tasks:
+            future.set_exception(down)
+        self._apply_pointers([], [], ())
+        for pointer in [*self._loaded.values(), *self._retired.values()]:
+            llama_cpp.llama_adapter_lora_free(pointer)
+        self._loaded.clear()
+        self._retired.clear()
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)

@@ -31,6 +31,7 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    adapter: str | None = None  # the adapter version (NAME@vN) the name applies; None: the bare base
 
 
 class ModelList(BaseModel):
@@ -48,7 +49,7 @@ WHY = {
     429: "The waiting line or this key's limit (queued jobs, uploaded bytes) is full; retry later.",
     503: "The server is shutting down.",
 }
-INFERENCE = {"/v1/chat/completions", "/v1/completions"}
+INFERENCE = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 SUBMITS = {"/api/training/start", "/api/adapters/{name}/update", "/v1/files", "/v1/fine_tuning/jobs"}
 
 

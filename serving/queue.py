@@ -1,11 +1,9 @@
-"""First-come, first-served admission to the one llama.cpp context, with a bounded waiting line (429 beyond it)."""
+"""Admission to the engine: as many requests as it has KV slots, plus a bounded waiting line (429 beyond it)."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import deque
-from collections.abc import Iterator
 
 from core.errors import ScalpelError
 
@@ -20,17 +18,14 @@ class ShuttingDown(ScalpelError):
     type = "server_error"
 
 
-class Cancelled(Exception):
-    """The client went away while its request was still waiting."""
-
-
 class Ticket:
     __slots__ = ()
 
 
 class FairQueue:
-    def __init__(self, max_waiting: int = 16):
+    def __init__(self, max_waiting: int = 16, running: int = 1):
         self.max_waiting = max_waiting
+        self.running = running  # requests the engine runs at once (its KV slots)
         self._cond = threading.Condition()
         self._line: deque[Ticket] = deque()
         self._closed = False
@@ -45,27 +40,15 @@ class FairQueue:
         with self._cond:
             if self._closed:
                 raise ShuttingDown("the server is shutting down", code="shutting_down")
-            if len(self._line) > self.max_waiting:
+            if len(self._line) >= self.running + self.max_waiting:
                 raise QueueFull(
-                    f"{len(self._line) - 1} requests are already waiting (limit {self.max_waiting}); retry later",
+                    f"{len(self._line) - self.running} requests are already waiting (limit {self.max_waiting}); "
+                    "retry later",
                     code="queue_full",
                 )
             ticket = Ticket()
             self._line.append(ticket)
             return ticket
-
-    @contextlib.contextmanager
-    def turn(self, ticket: Ticket, cancelled: threading.Event | None = None) -> Iterator[None]:
-        """Wait until `ticket` is first in line; hold the turn for the block."""
-        try:
-            with self._cond:
-                while self._line[0] is not ticket:
-                    if cancelled is not None and cancelled.is_set():
-                        raise Cancelled()
-                    self._cond.wait(timeout=0.1)
-            yield
-        finally:
-            self.release(ticket)
 
     def release(self, ticket: Ticket) -> None:
         with self._cond:

@@ -18,16 +18,28 @@ class Open(BaseModel):
 # ----- OpenAI's chat and completions -----
 
 
+class CalledFunction(Open):
+    name: str
+    arguments: str  # JSON text: valid for the function's parameters when the call was forced (tool_choice)
+
+
+class ToolCall(Open):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(Open):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None when the answer is only tool calls
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(Open):
     index: int
     message: ChatMessage
     logprobs: dict[str, Any] | None  # {"content": [...]} when asked for
-    finish_reason: str
+    finish_reason: str  # stop, length, or tool_calls
 
 
 class ChatCompletion(Open):
@@ -123,7 +135,8 @@ class AdapterDiff(Open):
 
 
 class Health(Open):
-    status: Literal["ok"]
+    status: Literal["ok", "unavailable"]
+    engine: Literal["ready", "starting", "restarting", "failed", "stopped"]
     model: str
     loaded_adapters: list[str]
     queue_depth: int

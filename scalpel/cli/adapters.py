@@ -36,8 +36,11 @@ def cmd_adapters_show(args) -> None:
     print(f"{version.ref}  ({'live' if adapter_store.active_version(root) == version.version else 'not live'})")
     print(f"  base      {base.name} ({base.fingerprint[:12]})" if base else "  base      -")
     print(f"  parent    {manifest.parent_version or '-'}    created {manifest.created_at}")
-    print("  data      " + ", ".join(f"{k} {v.sha256[:12]}" for k, v in manifest.datasets.items()))
-    print(f"  training  {metrics.examples} examples, {metrics.global_step} steps, final loss {final_loss:.4f}")
+    if origin := manifest.imported_from:
+        print(f"  imported  {origin.format} from {origin.source} (sha256 {origin.sha256[:12]})")
+    else:
+        print("  data      " + ", ".join(f"{k} {v.sha256[:12]}" for k, v in manifest.datasets.items()))
+        print(f"  training  {metrics.examples} examples, {metrics.global_step} steps, final loss {final_loss:.4f}")
     if gguf:
         print(f"  gguf      {gguf.size_bytes / 1e6:.2f} MB ({gguf.outtype})")
     if manifest.eval:
@@ -78,7 +81,7 @@ def cmd_adapters_diff(args) -> None:
             f"(max {w['max_relative_change']:.1%}) over {w['modules']} modules"
         )
     else:
-        print("  weights: different module sets")
+        print(f"  weights: not comparable: {w.get('reason') or 'different module sets'}")
 
 
 def cmd_adapters_delete(args) -> None:
@@ -111,6 +114,27 @@ def cmd_adapters_check(args) -> None:
     )
 
 
+def cmd_adapters_import(args) -> None:
+    from pathlib import Path
+
+    from scalpel.importer import import_adapter
+
+    imported = import_adapter(
+        args.name, Path(args.path), base=args.base, verify=args.verify, promote=not args.no_promote
+    )
+    if args.json:
+        print(json.dumps({"ref": imported.version.ref, "live": imported.live, **imported.manifest.to_json()}, indent=2))
+        return
+    origin, gguf = imported.manifest.imported_from, imported.manifest.gguf
+    assert origin is not None and gguf is not None
+    print(
+        f"imported {imported.version.ref} from {origin.format} ({gguf.modules} modules, rank {gguf.rank}, "
+        f"{gguf.size_bytes / 1e6:.2f} MB) for {args.base}" + (" (live)" if imported.live else " (not live)")
+    )
+    if origin.verify:
+        print(f"  verify: {origin.verify['criterion']}: PASS")
+
+
 def register(sub, threads: argparse.ArgumentParser) -> None:
     """Add this command group to the `scalpel` parser; `threads` is the shared --threads parent."""
     adapters = sub.add_parser("adapters", help="the adapter registry: versions, the live pointer, history")
@@ -140,6 +164,18 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
     a_delete.add_argument("name")
     a_delete.add_argument("version")
     a_delete.set_defaults(func=cmd_adapters_delete)
+    a_import = adapters_sub.add_parser(
+        "import", help="add an adapter trained elsewhere (PEFT folder, GGUF LoRA, or zip of a PEFT folder)"
+    )
+    a_import.add_argument("name", help="the adapter's name in the store (a new one, or a new version of one)")
+    a_import.add_argument("path", help="PEFT folder (adapter_model.safetensors), GGUF LoRA file, or .zip of a folder")
+    a_import.add_argument("--base", required=True, help="the registered base it was trained on")
+    a_import.add_argument(
+        "--verify", action="store_true", help="PEFT only: also compare PyTorch and llama.cpp logits (loads the base)"
+    )
+    a_import.add_argument("--no-promote", action="store_true", help="publish without making it live")
+    a_import.add_argument("--json", action="store_true")
+    a_import.set_defaults(func=cmd_adapters_import)
     a_check = adapters_sub.add_parser(
         "check", help="report damaged entries (pointer, manifests, hashes); --repair fixes what history allows"
     )

@@ -168,6 +168,26 @@ class FineTuningCheckpointList(Open):
     last_id: str | None
 
 
+class JobDeleted(Open):
+    id: str
+    object: Literal["training.job", "fine_tuning.job"]
+    deleted: Literal[True]
+
+
+# ----- adapters brought from elsewhere -----
+
+
+class ImportedAdapter(Open):
+    """POST /api/adapters/{name}/import."""
+
+    name: str
+    version: str
+    ref: str  # NAME@vN
+    live: bool
+    imported_from: dict[str, Any]  # format, source, sha256, base_model, verify (core.manifest.ImportSource)
+    manifest: dict[str, Any]
+
+
 # ----- the dashboard's /ui/api/state -----
 
 
@@ -201,6 +221,7 @@ class DashboardState(Open):
 
 
 TEXT = {"schema": {"type": "string"}}
+BINARY = {"schema": {"type": "string", "format": "binary"}}
 # Server-sent events, with ?stream=true or Accept: text/event-stream. OpenAPI 3.1 cannot describe a whole
 # stream: each event is described with OpenAPI 3.2's `itemSchema`, which schemathesis checks every event against.
 SSE_EVENT = {

@@ -5,20 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 from collections.abc import AsyncIterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from core import paths
+from core import checkpoints, paths
 from core.errors import ScalpelError
-from core.job_store import Event, Job, JobStore, StoredFile
+from core.job_store import Event, Job, JobStore, StoredFile, job_dir
+from scalpel import importer
 from scalpel.jobs import submit as jobs
 from scalpel.jobs.responses import (
+    BINARY,
     EVENT_STREAM,
     TEXT,
     FileDeleted,
@@ -28,6 +33,8 @@ from scalpel.jobs.responses import (
     FineTuningEventList,
     FineTuningJob,
     FineTuningJobList,
+    ImportedAdapter,
+    JobDeleted,
     JobEventList,
     SubmittedJob,
     TrainingJob,
@@ -37,7 +44,7 @@ from scalpel.jobs.responses import (
 from scalpel.jobs.runner import JobRunner
 from serving.app import Lifespan
 from serving.auth import admin_key, caller
-from serving.context import context
+from serving.context import ServingContext, context
 
 EVENT_POLL_SECONDS = 0.5
 PING_SECONDS = 15  # an SSE comment this often keeps proxies from closing an idle job stream
@@ -48,6 +55,16 @@ MAX_LIMIT = 1000  # a page of jobs or events; SQLite takes 64-bit integers, and 
 class QuotaExceeded(ScalpelError):
     status = 429
     type = "rate_limit_error"
+
+
+class ImportRequest(BaseModel):
+    """POST /api/adapters/{name}/import: an uploaded adapter (purpose user_data) becomes the adapter's next version."""
+
+    model_config = ConfigDict(extra="forbid")
+    file_id: str = Field(min_length=1, max_length=200)  # a .gguf LoRA, or a .zip of a PEFT folder
+    base: str | None = Field(None, min_length=1, max_length=64)  # a registered base; default: the served one
+    verify: bool = False  # PEFT only: compare PyTorch and llama.cpp logits too (loads the base in PyTorch)
+    promote: bool = True  # make it the live version (a first version is always live)
 
 
 # ----- shapes -----
@@ -314,6 +331,52 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
     async def cancel_job(job_id: str):
         return plan_job_view(store, await run(runner.cancel, job_id))
 
+    async def delete_job(ctx: ServingContext, job_id: str) -> Job:
+        """A finished job, its events, its folder and its kept checkpoints; its published adapter stays."""
+        if (await run(store.get, job_id)).final:  # the checkpoints go first: no id may outlive its job's record
+            await run(checkpoints.delete, job_id)
+            for ref in [r for r in ctx.engine.loaded() if r.startswith(f"{job_id}@ckpt-step-")]:
+                await run(ctx.engine.unload, ref)
+        job = await run(store.delete, job_id)  # 409 for a queued or running job
+        await run(shutil.rmtree, job_dir(job_id), ignore_errors=True)
+        return job
+
+    @router.delete("/api/training/jobs/{job_id}", dependencies=[admin], responses={200: {"model": JobDeleted}})
+    async def delete_training_job(job_id: str, ctx: ServingContext = Depends(context)):
+        job = await delete_job(ctx, job_id)
+        return {"id": job.id, "object": "training.job", "deleted": True}
+
+    @router.post("/api/adapters/{name}/import", dependencies=[admin], responses={200: {"model": ImportedAdapter}})
+    async def import_adapter(name: str, body: ImportRequest, ctx: ServingContext = Depends(context)):
+        """`scalpel adapters import` for an upload (POST /v1/files with purpose user_data)."""
+        f = await run(store.get_file, body.file_id)
+        if f.purpose != "user_data":
+            raise ScalpelError(
+                f"{f.id} is a {f.purpose} upload; upload the adapter with purpose user_data", param="file_id"
+            )
+        try:
+            imported = await run(
+                importer.import_adapter,
+                name,
+                Path(f.path),
+                base=body.base or ctx.engine.base.name,
+                source=f"{f.id} ({f.filename})",
+                verify=body.verify,
+                promote=body.promote,
+            )
+        except ScalpelError as exc:
+            exc.param = "file_id" if exc.param == "path" else exc.param  # the request names a file, not a path
+            raise
+        manifest = imported.manifest.to_json()
+        return {
+            "name": name,
+            "version": imported.version.version,
+            "ref": imported.version.ref,
+            "live": imported.live,
+            "imported_from": manifest["imported_from"],
+            "manifest": manifest,
+        }
+
     # OpenAI's files and fine-tuning API (client keys, as OpenAI's SDK sends them).
 
     @router.post("/v1/files", dependencies=[client], responses={200: {"model": FileObject}})
@@ -349,11 +412,12 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
         "/v1/files/{file_id}/content",
         dependencies=[client],
         response_class=Response,
-        responses={200: {"content": {"application/jsonl": TEXT}}},
+        responses={200: {"content": {"application/jsonl": TEXT, "application/octet-stream": BINARY}}},
     )
     async def file_content(file_id: str):
         f = await run(store.get_file, file_id)
-        return Response(await anyio.Path(f.path).read_bytes(), media_type="application/jsonl")
+        media = "application/jsonl" if f.purpose == "fine-tune" else "application/octet-stream"
+        return Response(await anyio.Path(f.path).read_bytes(), media_type=media)
 
     @router.delete("/v1/files/{file_id}", dependencies=[client], responses={200: {"model": FileDeleted}})
     async def delete_file(file_id: str):
@@ -395,6 +459,13 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
     async def cancel_fine_tuning(job_id: str):
         await fine_tuning_job(job_id)
         return openai_job_view(store, await run(runner.cancel, job_id))
+
+    @router.delete("/v1/fine_tuning/jobs/{job_id}", dependencies=[client], responses={200: {"model": JobDeleted}})
+    async def delete_fine_tuning(job_id: str, ctx: ServingContext = Depends(context)):
+        """Not in OpenAI's API (which keeps jobs): removes a finished job and its checkpoints, whose ids 404 after."""
+        await fine_tuning_job(job_id)
+        job = await delete_job(ctx, job_id)
+        return {"id": job.id, "object": "fine_tuning.job", "deleted": True}
 
     def _cursor(after: str | None, prefix: str) -> int | None:
         if after is None:
@@ -445,7 +516,7 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
                 "created_at": int(e.created_at),
                 "fine_tuning_job_id": job.id,
                 "step_number": e.data["step"],
-                "fine_tuned_model_checkpoint": f"{job.fine_tuned_model}:ckpt-step-{e.data['step']}",
+                "fine_tuned_model_checkpoint": checkpoints.model_id(job.fine_tuned_model or "", e.data["step"]),
                 "metrics": {"step": e.data["step"], "train_loss": e.data.get("train_loss")},
             }
             for e in found[:limit]

@@ -94,15 +94,37 @@ def upload_id(path: str) -> str | None:
     return stored.stem if stored.parent == uploads_dir() else None
 
 
+# An upload with purpose "user_data" is an adapter for POST /api/adapters/{name}/import, known by its first bytes.
+ADAPTER_UPLOADS = {b"GGUF": ".gguf", b"PK\x03\x04": ".zip"}
+
+
 def store_upload(store: JobStore, filename: str, content: bytes, purpose: str) -> StoredFile:
-    """OpenAI's file upload: only purpose 'fine-tune', validated before it is kept."""
-    if purpose != "fine-tune":
-        raise ScalpelError(f"purpose {purpose!r} is not supported; only 'fine-tune'", param="purpose")
+    """OpenAI's file upload: purpose 'fine-tune' (a dataset, validated before it is kept) or 'user_data' (an
+    adapter to import: a GGUF LoRA file or a zip of a PEFT folder)."""
+    if purpose not in ("fine-tune", "user_data"):
+        raise ScalpelError(
+            f"purpose {purpose!r} is not supported; only 'fine-tune' (a dataset) or 'user_data' (an adapter to "
+            "import: a GGUF LoRA or a zip of a PEFT folder)",
+            param="purpose",
+        )
     file_id = new_id("file")
-    final = uploads_dir() / f"{file_id}.jsonl"
-    with temporary_path(final) as tmp:
-        tmp.write_bytes(content)
-        n = validate_dataset(tmp, "file", shown_as=Path(filename).name or "upload")
+    if purpose == "user_data":
+        suffix = ADAPTER_UPLOADS.get(content[:4])
+        if suffix is None:
+            raise ScalpelError(
+                "a user_data file must be an adapter to import: a GGUF LoRA file or a zip of a PEFT folder",
+                param="file",
+                code="invalid_file",
+            )
+        final = uploads_dir() / f"{file_id}{suffix}"
+        with temporary_path(final) as tmp:
+            tmp.write_bytes(content)
+        n = 0
+    else:
+        final = uploads_dir() / f"{file_id}.jsonl"
+        with temporary_path(final) as tmp:
+            tmp.write_bytes(content)
+            n = validate_dataset(tmp, "file", shown_as=Path(filename).name or "upload")
     return store.add_file(
         StoredFile(
             id=file_id,

@@ -13,10 +13,12 @@ import traceback
 from pathlib import Path
 
 from transformers.trainer_callback import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from core import paths
 from core.errors import ScalpelError
-from core.job_store import JobStore, job_dir
+from core.job_store import Job, JobStore, job_dir
+from scalpel.jobs.checkpoints import keep as keep_checkpoint
 from scalpel.publish import train_and_publish
 from training.config import parse_config
 from training.trainer import last_checkpoint
@@ -34,8 +36,9 @@ class JobEvents(TrainerCallback):
     """Writes the Trainer's progress into the job's events: step and total, epoch, loss, lr, tokens/s, ETA,
     peak memory, and one event per checkpoint."""
 
-    def __init__(self, store: JobStore, job_id: str):
-        self.store, self.job_id = store, job_id
+    def __init__(self, store: JobStore, job_id: str, keep_checkpoints: Job | None = None):
+        """With `keep_checkpoints` (a fine-tuning job), every checkpoint is also kept as a servable adapter."""
+        self.store, self.job_id, self.keep_checkpoints = store, job_id, keep_checkpoints
         self.begun, self.first_step, self.first_tokens = time.time(), 0, 0
         self.parent = os.getppid()
 
@@ -81,6 +84,15 @@ class JobEvents(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         losses = [h["loss"] for h in state.log_history if "loss" in h]
+        if self.keep_checkpoints is not None:  # kept before the event: every listed checkpoint id serves
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            try:
+                keep_checkpoint(self.keep_checkpoints, state.global_step, folder, losses[-1] if losses else None)
+            except (ScalpelError, OSError) as exc:
+                message = paths.scrub(exc.message if isinstance(exc, ScalpelError) else f"{type(exc).__name__}: {exc}")
+                self.store.add_event(
+                    self.job_id, f"Checkpoint {state.global_step} cannot be served: {message}", level="warn"
+                )
         self.store.add_event(
             self.job_id,
             f"Checkpoint saved at step {state.global_step}",
@@ -179,7 +191,7 @@ def run(job_id: str, store: JobStore | None = None) -> int:
             max_steps=job.max_steps,
             progress=False,
             work_dir=work,
-            callbacks=(JobEvents(store, job_id),),
+            callbacks=(JobEvents(store, job_id, keep_checkpoints=job if job.fine_tuned_model else None),),
             manifest_extra=extra,
         )
     except ScalpelError as exc:

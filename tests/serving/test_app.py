@@ -73,11 +73,11 @@ def test_errors_are_openai_shaped(engine):
             f"{server.base_url}/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}
         )
         assert bad_json.status_code == 400 and set(bad_json.json()["error"]) == {"message", "type", "param", "code"}
-        n2 = httpx.post(
+        n0 = httpx.post(
             f"{server.base_url}/chat/completions",
-            json={"model": "tiny", "n": 2, "messages": [{"role": "user", "content": "x"}]},
+            json={"model": "tiny", "n": 0, "messages": [{"role": "user", "content": "x"}]},
         )
-        assert n2.status_code == 400 and n2.json()["error"]["param"] == "n"
+        assert n0.status_code == 400 and n0.json()["error"]["param"] == "n"
         too_long = httpx.post(
             f"{server.base_url}/chat/completions",
             json={"model": "tiny", "messages": [{"role": "user", "content": "FOR TWO " * 3000}]},
@@ -254,10 +254,10 @@ def test_async_client_and_concurrent_requests_queue_fairly(server):
 def test_full_queue_answers_429(tiny_home):
     from serving.engine import EngineSettings
 
-    engine = Engine(model_store.get("tiny"), EngineSettings(max_waiting=0))
+    engine = Engine(model_store.get("tiny"), EngineSettings(max_waiting=0, slots=1))
     try:
         with BackgroundServer(create_app(engine)) as server:
-            held = engine.queue.reserve()  # someone is being served
+            held = engine.queue.reserve()  # someone is being served in the one slot
             try:
                 reply = httpx.post(
                     f"{server.base_url}/chat/completions",

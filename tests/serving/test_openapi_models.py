@@ -11,6 +11,7 @@ import httpx
 import jsonschema_rs
 import pytest
 
+from core import adapter_store
 from core.job_store import JobStore
 from scalpel.demo import BackgroundServer
 from scalpel.jobs.responses import DashboardState
@@ -71,6 +72,7 @@ def test_streaming_routes_document_their_event_stream(schema):
     for path, method in [
         ("/v1/chat/completions", "post"),
         ("/v1/completions", "post"),
+        ("/v1/responses", "post"),
         ("/api/training/jobs/{job_id}/events", "get"),
     ]:
         content = schema["paths"][path][method]["responses"]["200"]["content"]
@@ -167,6 +169,16 @@ def test_every_success_body_matches_its_schema(live, tmp_path):
     call("POST", "/v1/completions", json=text)
     call("POST", "/v1/completions", json={**text, "logprobs": 2})
     call("POST", "/v1/completions", json={**text, "stream": True})
+    call("POST", "/v1/embeddings", json={"model": "tiny", "input": ["hi", "there"]})
+    call("POST", "/v1/embeddings", json={"model": "tiny_a", "input": [1, 2], "encoding_format": "base64"})
+    call("POST", "/tokenize", json={"content": "hi"})
+    call("POST", "/tokenize", json={"content": "hi", "with_pieces": True})
+    call("POST", "/detokenize", json={"tokens": [1, 2]})
+    answer = {"model": "tiny", "input": "hi", "max_output_tokens": 2}
+    response_id = call("POST", "/v1/responses", json=answer).json()["id"]
+    call("POST", "/v1/responses", json={**answer, "stream": True, "include": ["message.output_text.logprobs"]})
+    call("GET", f"/v1/responses/{response_id}", "/v1/responses/{response_id}")
+    call("DELETE", f"/v1/responses/{response_id}", "/v1/responses/{response_id}")
 
     # OpenAI's files and fine-tuning, one real job to the end
     data = tmp_path / "chat.jsonl"
@@ -209,6 +221,13 @@ def test_every_success_body_matches_its_schema(live, tmp_path):
     live_now = call("GET", "/api/adapters/tiny_a", "/api/adapters/{name}").json()["active_version"]
     spare = next(v for v in versions if v != live_now)
     call("DELETE", f"/api/adapters/tiny_a/versions/{spare}", "/api/adapters/{name}/versions/{version}")
+    # an adapter brought from elsewhere (a GGUF LoRA, uploaded), then the finished jobs deleted
+    gguf = {"file": ("from-elsewhere.gguf", adapter_store.resolve("tiny_a").gguf.read_bytes())}
+    adapter_file = call("POST", "/v1/files", files=gguf, data={"purpose": "user_data"}).json()["id"]
+    call("GET", f"/v1/files/{adapter_file}/content", "/v1/files/{file_id}/content")
+    call("POST", "/api/adapters/tiny_c/import", "/api/adapters/{name}/import", json={"file_id": adapter_file})
+    call("DELETE", f"/v1/fine_tuning/jobs/{ft}", "/v1/fine_tuning/jobs/{job_id}")
+    call("DELETE", f"/api/training/jobs/{job}", "/api/training/jobs/{job_id}")
     call("DELETE", f"/v1/files/{file_id}", "/v1/files/{file_id}")
     # The dashboard's JSON is left out of the schema (its router is include_in_schema=False): its model instead.
     state = DashboardState.model_validate(httpx.get(f"{root}/ui/api/state", timeout=60).raise_for_status().json())

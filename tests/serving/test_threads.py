@@ -16,13 +16,13 @@ def test_engine_defaults_to_the_usable_cores(tiny_llama, home, monkeypatch):
     engine = Engine(model_store.get("tiny"))
     try:
         assert engine.threads == threads.usable_cores()
-        assert llama_cpp.llama_n_threads(engine.llm.ctx) == threads.usable_cores()
-        assert llama_cpp.llama_n_threads_batch(engine.llm.ctx) == threads.usable_cores()
+        assert llama_cpp.llama_n_threads(engine.ctx) == threads.usable_cores()
+        assert llama_cpp.llama_n_threads_batch(engine.ctx) == threads.usable_cores()
     finally:
         engine.close()
     monkeypatch.setenv("SCALPEL_THREADS", "1")
     engine = Engine(model_store.get("tiny"), EngineSettings())
     try:
-        assert llama_cpp.llama_n_threads(engine.llm.ctx) == 1 == engine.threads
+        assert llama_cpp.llama_n_threads(engine.ctx) == 1 == engine.threads
     finally:
         engine.close()
