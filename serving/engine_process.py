@@ -110,6 +110,16 @@ def _child(conn, base: ModelEntry, settings: EngineSettings, versions: list[adap
         engine.close()
 
 
+class _Either:
+    """Set when either event is: the client left (`cancelled`) or the reader stopped reading (`gone`)."""
+
+    def __init__(self, first: threading.Event | None, second: threading.Event):
+        self.first, self.second = first, second
+
+    def is_set(self) -> bool:
+        return self.second.is_set() or (self.first is not None and self.first.is_set())
+
+
 class EngineProcess:
     """The Engine's interface, served by an engine process that restarts when it dies."""
 
@@ -126,8 +136,8 @@ class EngineProcess:
         self.state = "starting"
         self._switch_listeners: list[Callable[[float], None]] = []
         self._versions: dict[str, adapter_store.AdapterVersion] = {}  # loaded in the engine: reloaded on restart
-        self._streams: dict[int, queue.SimpleQueue] = {}
-        self._watched: dict[int, threading.Event] = {}  # running requests' cancel events, by request id
+        self._streams: dict[int, Callable[[Piece | BaseException | None], None]] = {}  # emit, by request id
+        self._watched: dict[int, threading.Event | _Either] = {}  # running requests' cancel events
         self._replies: dict[int, concurrent.futures.Future] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()  # the pipe's sending end, the tables above and the process handle
@@ -164,13 +174,13 @@ class EngineProcess:
             kind, *rest = message
             if kind == "item":
                 rid, item = rest
-                if (stream := self._streams.get(rid)) is not None:
-                    stream.put(_decode_error(item) if isinstance(item, tuple) else item)
+                if (emit := self._streams.get(rid)) is not None:
+                    emit(_decode_error(item) if isinstance(item, tuple) else item)
             elif kind == "end":
                 rid, self.cancelled_generations = rest
                 self._watched.pop(rid, None)
-                if (stream := self._streams.pop(rid, None)) is not None:
-                    stream.put(None)
+                if (emit := self._streams.pop(rid, None)) is not None:
+                    emit(None)
             elif kind == "reply":
                 rid, ok, value = rest
                 if (future := self._replies.pop(rid, None)) is not None:
@@ -206,9 +216,9 @@ class EngineProcess:
         if restart:
             log.error("the engine process exited (code %s); restarting it", exitcode)
         down = EngineDown("the engine stopped while answering; retry the request", code="engine_restarting")
-        for stream in streams:
-            stream.put(down)
-            stream.put(None)
+        for emit in streams:
+            emit(down)
+            emit(None)
         for future in replies:
             future.set_exception(down)
         if restart:
@@ -294,48 +304,53 @@ class EngineProcess:
         cancelled: threading.Event | None = None,
     ) -> Iterator[Piece]:
         max_tokens = self.check_fits(len(tokens), params.max_tokens)
-        # A bad grammar or bias is the caller's 400, before anything is queued (the engine would refuse it later).
-        Sampler(params, self.tokenizer.vocab, self.tokenizer.n_vocab).free()
         ticket = ticket or self.queue.reserve()
         stream: queue.SimpleQueue = queue.SimpleQueue()
+        gone = threading.Event()  # the reader stopped reading: cancel, whatever `cancelled` says
         try:
-            with self._lock:
-                rid = next(self._ids)
-                self._streams[rid] = stream
-                if cancelled is not None:
-                    self._watched[rid] = cancelled
-                try:
-                    self._send(("generate", rid, tokens, adapters, params, max_tokens))
-                except EngineDown:
-                    del self._streams[rid]
-                    self._watched.pop(rid, None)
-                    raise
+            watch = _Either(cancelled, gone)
+            rid = self.submit(tokens, adapters, params, stream.put, cancelled=watch, max_tokens=max_tokens)
         except BaseException:
             self.queue.release(ticket)
             raise
-        return self._read(rid, stream, ticket)
+        return self._read(rid, stream, ticket, gone)
 
-    def _read(self, rid: int, stream: queue.SimpleQueue, ticket: Ticket) -> Iterator[Piece]:
-        finished = False
+    def submit(
+        self,
+        tokens: list[int],
+        adapters: AdapterSet,
+        params: GenerationParams,
+        emit: Callable[[Piece | BaseException | None], None],
+        *,
+        cancelled: threading.Event | _Either | None = None,
+        max_tokens: int | None = None,
+    ) -> int:
+        """Queue a generation whose pieces go to `emit`, from the pipe's reader thread; `None` marks the end."""
+        max_tokens = max_tokens if max_tokens is not None else self.check_fits(len(tokens), params.max_tokens)
+        # A bad grammar or bias is the caller's 400, before anything is queued (the engine would refuse it later).
+        Sampler(params, self.tokenizer.vocab, self.tokenizer.n_vocab).free()
+        with self._lock:
+            rid = next(self._ids)
+            self._streams[rid] = emit
+            if cancelled is not None:
+                self._watched[rid] = cancelled
+            try:
+                self._send(("generate", rid, tokens, adapters, params, max_tokens))
+            except EngineDown:
+                del self._streams[rid]
+                self._watched.pop(rid, None)
+                raise
+        return rid
+
+    def _read(self, rid: int, stream: queue.SimpleQueue, ticket: Ticket, gone: threading.Event) -> Iterator[Piece]:
         try:
-            while True:
-                item = stream.get()
-                if item is None:
-                    finished = True
-                    return
+            while (item := stream.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
+            gone.set()  # the watcher tells the engine if it is still running
             self.queue.release(ticket)
-            with self._lock:
-                self._watched.pop(rid, None)
-            if not finished:
-                with self._lock:
-                    self._streams.pop(rid, None)
-                    if self.state == "ready":
-                        with contextlib.suppress(OSError, ValueError):
-                            self._conn.send(("cancel", rid))
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
         """Block until the engine answers again (after a restart); False on timeout."""

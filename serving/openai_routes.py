@@ -63,10 +63,15 @@ async def answer(
     engine.check_fits(len(tokens), params[0].max_tokens)
     tickets: list[Ticket] = []
     cancelled = threading.Event()
+    pieces: asyncio.Queue = asyncio.Queue()  # (choice index, piece, error or None at its end), when streamed
     try:
         for _ in params:
             tickets.append(engine.queue.reserve())  # 429 now, before any response starts
-        streams = await anyio.to_thread.run_sync(_start, engine, tokens, adapters, params, tickets, cancelled)
+        if body.stream:
+            loop = asyncio.get_running_loop()
+            await anyio.to_thread.run_sync(_submit, engine, tokens, adapters, params, loop, pieces, cancelled)
+        else:
+            streams = await anyio.to_thread.run_sync(_start, engine, tokens, adapters, params, tickets, cancelled)
     except BaseException as exc:
         cancelled.set()
         for ticket in tickets:
@@ -76,7 +81,7 @@ async def answer(
         raise
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _sse(ctx, streams, reply, tickets, cancelled, include_usage)
+        events = _sse(ctx, len(params), pieces, reply, tickets, cancelled, include_usage)
 
         def done() -> None:  # also after the response: a client gone before the stream began never runs its finally
             cancelled.set()
@@ -131,6 +136,16 @@ def _start(engine, tokens, adapters, params, tickets, cancelled) -> list[Iterato
     ]
 
 
+def _submit(engine, tokens, adapters, params, loop, pieces: asyncio.Queue, cancelled) -> None:
+    """Queue every choice with the engine, its pieces handed straight to the event loop (no thread per stream)."""
+    for index, p in enumerate(params):
+
+        def emit(item, index=index) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, (index, item))
+
+        engine.submit(tokens, adapters, p, emit, cancelled=cancelled)
+
+
 def total_usage(usages: list[dict | None]) -> dict:
     """The request's usage: the prompt once, every choice's completion tokens."""
     known = [u for u in usages if u]
@@ -143,37 +158,20 @@ def total_usage(usages: list[dict | None]) -> dict:
 
 async def _sse(
     ctx: ServingContext,
-    streams: list[Iterator[Piece]],
+    n: int,
+    pieces: asyncio.Queue,
     reply: Reply,
     tickets: list[Ticket],
     cancelled: threading.Event,
     include_usage: bool,
 ) -> AsyncIterator[ServerSentEvent]:
-    """Read each choice in a worker thread and relay its chunks as they come; a client that leaves cancels.
-
-    sse-starlette writes the events, pings an idle stream, and cancels this generator when the client goes.
-    """
+    """Relay each choice's pieces as server-sent events as the engine hands them over; a client that leaves
+    cancels. sse-starlette writes the events, pings an idle stream, and cancels this generator when the client
+    goes."""
     engine, metrics = ctx.engine, ctx.metrics
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue = asyncio.Queue()
     begun = time.perf_counter()
-
-    def work(index: int) -> None:
-        def hand_over(item) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, (index, item))
-
-        try:
-            for piece in streams[index]:
-                hand_over(piece)
-        except Exception as exc:  # reported to the client as an error event
-            hand_over(exc)
-        finally:
-            hand_over(None)
-
-    for index in range(len(streams)):
-        threading.Thread(target=work, args=(index,), daemon=True).start()
-    running, first = len(streams), True
-    usages: list[dict | None] = [None] * len(streams)
+    running, first = n, True
+    usages: list[dict | None] = [None] * n
     try:
         while running:
             index, piece = await pieces.get()

@@ -148,6 +148,16 @@ def _wait(browser, condition, timeout: float = 30):
     return WebDriverWait(browser, timeout, ignored_exceptions=ignored).until(condition)
 
 
+def _click(browser, selector: str) -> None:
+    """Click what `selector` finds, looking again if the page re-rendered it between finding and clicking."""
+
+    def clicked(d) -> bool:
+        d.find_element("css selector", selector).click()
+        return True
+
+    _wait(browser, clicked)
+
+
 def _loaded(browser):
     _wait(browser, lambda d: d.find_element("tag name", "body").get_attribute("data-loaded") == "yes")
 
@@ -247,7 +257,7 @@ def test_live_version_marked_and_rollback_from_the_page(home, browser, tmp_path)
 
             # Rollback from the page: the live pointer moves, and so does what the name serves.
             assert _reply(root, "tiny_a") == _reply(root, "tiny_a@v2") != _reply(root, "tiny_a@v1")
-            browser.find_element(By.CSS_SELECTOR, '[data-adapter-card="tiny_a"] button.rollback').click()
+            _click(browser, '[data-adapter-card="tiny_a"] button.rollback')
             _accept_confirm(browser)
             _wait(browser, lambda d: "v2 → v1" in d.find_element(By.CSS_SELECTOR, '[data-result-for="tiny_a"]').text)
             auth = {"Authorization": f"Bearer {KEY}"}
@@ -268,7 +278,7 @@ def test_live_version_marked_and_rollback_from_the_page(home, browser, tmp_path)
             )
 
             # And promote v2 back, from its row.
-            browser.find_element(By.CSS_SELECTOR, 'tr[data-version="v2"] button.promote').click()
+            _click(browser, 'tr[data-version="v2"] button.promote')
             _accept_confirm(browser)
             _wait(browser, lambda d: "v1 → v2" in d.find_element(By.CSS_SELECTOR, '[data-result-for="tiny_a"]').text)
             assert _live() == "v2"
@@ -290,7 +300,7 @@ def test_page_refuses_admin_actions_without_the_key(home, browser):
             browser.refresh()
             _loaded(browser)
             assert "read-only" in browser.find_element(By.ID, "key-state").text
-            browser.find_element(By.CSS_SELECTOR, '[data-adapter-card="tiny_a"] button.rollback').click()
+            _click(browser, '[data-adapter-card="tiny_a"] button.rollback')
             _accept_confirm(browser)
             _wait(browser, lambda d: "admin key" in d.find_element(By.ID, "status").text)
             shown = browser.execute_script(
@@ -319,7 +329,7 @@ def test_client_key_reads_and_admin_key_acts(home, browser):
             browser.find_element(By.ID, "key").send_keys("reader")
             browser.find_element(By.ID, "key-save").click()
             _loaded(browser)
-            browser.find_element(By.CSS_SELECTOR, '[data-adapter-card="tiny_a"] button.rollback').click()
+            _click(browser, '[data-adapter-card="tiny_a"] button.rollback')
             _accept_confirm(browser)
             _wait(
                 browser, lambda d: "refused: 403" in d.find_element(By.CSS_SELECTOR, '[data-result-for="tiny_a"]').text
@@ -328,7 +338,7 @@ def test_client_key_reads_and_admin_key_acts(home, browser):
             browser.find_element(By.ID, "key").send_keys(KEY)
             browser.find_element(By.ID, "key-save").click()
             _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-adapter-card="tiny_a"] button.rollback'))
-            browser.find_element(By.CSS_SELECTOR, '[data-adapter-card="tiny_a"] button.rollback').click()
+            _click(browser, '[data-adapter-card="tiny_a"] button.rollback')
             _accept_confirm(browser)
             _wait(browser, lambda d: "v2 → v1" in d.find_element(By.CSS_SELECTOR, '[data-result-for="tiny_a"]').text)
             assert _live() == "v1"
