@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import logging
 import queue
 import threading
 import time
@@ -42,6 +43,7 @@ from serving.tokenizer import Tokenizer, quiet_llama_logs
 
 __all__ = ["PROBE_PROMPT", "AdapterSet", "Engine", "EngineDown", "GenerationParams", "Piece", "Scores"]
 
+log = logging.getLogger("scalpel.serving")
 PROBE_PROMPT = "Hello, world."  # evaluated with every adapter as it loads: its logits must be finite
 SCORE_BATCH = 512  # tokens per llama_decode when scoring a text (and the context's n_batch)
 
@@ -397,9 +399,18 @@ class Engine:
                     future.set_result(work())
                 except BaseException as exc:  # handed to the caller's thread
                     future.set_exception(exc)
-            self._admit()
-            if self._active:
-                self._step()
+            try:
+                self._admit()
+                if self._active:
+                    self._step()
+            except Exception:  # a bug here must not leave every caller waiting on a dead thread
+                log.exception("the engine loop failed; ending the requests it was running")
+                failed = EngineDown("the engine failed while answering; retry the request", code="engine_error")
+                for request in list(self._active):
+                    if request.slot is not None:  # what its cache holds is no longer known: forget it
+                        llama_cpp.llama_memory_seq_rm(self._memory, request.slot.seq, -1, -1)
+                        request.slot.tokens, request.slot.exact = [], 0
+                    self._end(request, failed)
         self._shut_down()
 
     def _admit(self) -> None:

@@ -148,3 +148,19 @@ def test_cancelled_and_unloaded_mid_request(adapters_home):
         assert again  # reloaded and served after the unload
     finally:
         engine.close()
+
+
+def test_a_failure_inside_the_loop_ends_that_request_and_the_engine_goes_on(adapters_home):
+    """A request the loop cannot finish (here: more top logprobs than the vocabulary has) gets a 503; the
+    requests after it are answered."""
+    engine = Engine(model_store.get("tiny"), EngineSettings(slots=2))
+    try:
+        tokens = engine.chat_tokens([{"role": "user", "content": "hi"}])
+        impossible = GenerationParams(max_tokens=4, logprobs=True, top_logprobs=engine.tokenizer.n_vocab + 1)
+        with pytest.raises(Exception) as failed:
+            list(engine.generate(tokens, (), impossible))
+        assert getattr(failed.value, "status", None) == 503 and failed.value.code == "engine_error"
+        assert "".join(p.text for p in engine.generate(tokens, (), GREEDY))
+        assert engine.queue.depth == 0
+    finally:
+        engine.close()
