@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import functools
 import logging
 import queue
 import threading
@@ -126,7 +127,7 @@ class Engine:
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise ScalpelError("llama.cpp could not create a context for these settings", code="context_failed")
-        self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)  # per slot
+        self.n_ctx = min(llama_cpp.llama_n_ctx_seq(self.ctx), settings.n_ctx)  # per slot (llama.cpp rounds up)
         self._memory = llama_cpp.llama_get_memory(self.ctx)
         self._scratch = settings.slots
         self._batch = llama_cpp.llama_batch_init(cparams.n_batch, 0, 1)
@@ -170,6 +171,10 @@ class Engine:
 
     def check_fits(self, n_prompt: int, max_tokens: int | None) -> int:
         return answer_room(self.n_ctx, n_prompt, max_tokens)
+
+    def alive(self) -> bool:
+        """Whether the engine loop still runs (it stops only when closed, or if it failed)."""
+        return self._thread.is_alive()
 
     def wake(self) -> None:
         """Have the engine loop look at its requests now (one was cancelled from outside)."""
@@ -221,12 +226,21 @@ class Engine:
         self._versions[version.ref] = version
         return pointer
 
+    def _reopen(self, ref: str) -> ctypes.c_void_p:
+        """An adapter unloaded after a request chose it: the request still gets it, as a retired pointer that is
+        freed when no request uses it (it is not listed as loaded again)."""
+        pointer = llama_cpp.llama_adapter_lora_init(self.model, str(self._versions[ref].gguf).encode())
+        if not pointer:
+            raise ScalpelError(f"llama.cpp could not load {ref}", param="model", code="invalid_adapter")
+        self._retired[ref] = pointer
+        return pointer
+
     def _probe_finite(self, pointer: ctypes.c_void_p) -> bool:
         """Evaluate a short prompt with the adapter alone, in the scratch sequence; every logit must be finite."""
         tokens = self.text_tokens(PROBE_PROMPT)
         self._apply_pointers([pointer], [1.0], (("(probe)", 1.0),))
         try:
-            self._decode_seq(self._scratch, tokens, 0, last_logits=True)
+            self._decode_seq(self._scratch, tokens, 0, logits="last")
             logits = self._logits(len(tokens) - 1)
             return bool(np.isfinite(logits).all())
         finally:
@@ -255,10 +269,7 @@ class Engine:
         if adapters == self._applied:
             return
         # unloaded after a request chose it: the request still gets it
-        pointers = [
-            self._loaded.get(r) or self._retired.get(r) or self._init_adapter(self._versions[r], probe=False)
-            for r, _ in adapters
-        ]
+        pointers = [self._loaded.get(r) or self._retired.get(r) or self._reopen(r) for r, _ in adapters]
         self._apply_pointers(pointers, [s for _, s in adapters], adapters)
 
     def _apply_pointers(self, pointers: list, scales: list[float], adapters: AdapterSet) -> None:
@@ -327,6 +338,8 @@ class Engine:
         for ref, _ in adapters:
             if ref not in self._loaded and ref not in self._versions:
                 raise ScalpelError(f"the adapter {ref!r} is not loaded", param="model", code="adapter_not_loaded")
+        if self._closed:
+            raise ShuttingDown("the server is shutting down", code="shutting_down")
         max_tokens = max_tokens if max_tokens is not None else self.check_fits(len(tokens), params.max_tokens)
         sampler = Sampler(params, self.tokenizer.vocab, self.tokenizer.n_vocab)  # a bad grammar fails here
         request = _Request(list(tokens), adapters, params, max_tokens, sampler, emit, cancelled)
@@ -346,6 +359,8 @@ class Engine:
         Used for perplexity and for agreement with reference answers; it runs on the engine thread with the
         same adapter switching as generation, so it measures what is served.
         """
+        if len(tokens) < 2:
+            raise ScalpelError("scoring needs at least two tokens", param="tokens")
         self.check_fits(len(tokens), 0)
         return self._call(lambda: self._score(tokens, adapters))  # type: ignore[return-value]
 
@@ -358,7 +373,7 @@ class Engine:
         try:
             for start in range(0, len(tokens), SCORE_BATCH):
                 chunk = tokens[start : start + SCORE_BATCH]
-                self._decode_seq(seq, chunk, start, last_logits=False)
+                self._decode_seq(seq, chunk, start, logits="all")
                 for i in range(len(chunk)):
                     position = start + i
                     if position >= n:
@@ -386,6 +401,12 @@ class Engine:
 
     # --- the engine loop ------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._shut_down()
+
+    def _run(self) -> None:
         while True:
             with self._cond:
                 while not (self._closed or self._tasks or self._waiting or self._active):
@@ -411,7 +432,6 @@ class Engine:
                         llama_cpp.llama_memory_seq_rm(self._memory, request.slot.seq, -1, -1)
                         request.slot.tokens, request.slot.exact = [], 0
                     self._end(request, failed)
-        self._shut_down()
 
     def _admit(self) -> None:
         """Give waiting requests free slots, first come first served; drop those whose client left."""
@@ -444,6 +464,9 @@ class Engine:
         alone = self.settings.deterministic  # every request in its own call: the batch shape of a lone request
         batches = [part for group in groups.values() for part in ([[r] for r in group] if alone else [group])]
         for group in batches:
+            # ascending sequence ids: llama.cpp splits a batch of separate KV streams wherever the ids do not
+            # follow each other, and runs each part as its own graph
+            group.sort(key=lambda r: r.slot.seq if r.slot else 0)
             try:
                 self._apply(group[0].adapters)
                 self._decode_tokens(group)
@@ -452,14 +475,24 @@ class Engine:
                     self._end(request, exc)
                 continue
             for i, request in enumerate(group):
-                self._sample(request, i)
+                self._guarded(request, functools.partial(self._sample, request, i))
         for request in [r for r in self._active if r.next_token is None]:
-            try:
-                self._apply(request.adapters)
-                self._prefill_block(request)
-            except ScalpelError as exc:
-                self._end(request, exc)
+            self._guarded(request, functools.partial(self._prefill, request))
         self.steps += 1
+
+    def _guarded(self, request: _Request, work: Callable[[], object]) -> None:
+        """Run one request's part of a step; if it fails, end that request alone (a 503 unless it is the user's
+        error) and forget what its slot's cache holds."""
+        try:
+            work()
+        except Exception as exc:
+            if not isinstance(exc, ScalpelError):
+                log.exception("a request failed inside the engine loop")
+                exc = EngineDown("the engine failed while answering; retry the request", code="engine_error")
+            if request.slot is not None:
+                llama_cpp.llama_memory_seq_rm(self._memory, request.slot.seq, -1, -1)
+                request.slot.tokens, request.slot.exact = [], 0
+            self._end(request, exc)
 
     def _decode_tokens(self, group: list[_Request]) -> None:
         batch = self._batch
@@ -474,13 +507,19 @@ class Engine:
             request.slot.tokens.append(request.next_token)
             request.next_token = None
 
+    def _prefill(self, request: _Request) -> None:
+        self._apply(request.adapters)
+        self._prefill_block(request)
+
     def _prefill_block(self, request: _Request) -> None:
         """Evaluate the next prompt block, [n_done, the next multiple of prompt_block or the prompt's end)."""
         slot, block = request.slot, self.settings.prompt_block
         assert slot is not None
         start = request.n_done
         end = min(len(request.tokens), (start // block + 1) * block)
-        self._decode_seq(slot.seq, request.tokens[start:end], start, last_logits=end == len(request.tokens))
+        self._decode_seq(
+            slot.seq, request.tokens[start:end], start, logits="last" if end == len(request.tokens) else "none"
+        )
         slot.tokens.extend(request.tokens[start:end])
         if end % block == 0 and slot.exact == start:
             slot.exact = end  # a whole aligned block: later requests may reuse it
@@ -488,13 +527,16 @@ class Engine:
         if end == len(request.tokens):
             self._sample(request, end - start - 1)
 
-    def _decode_seq(self, seq: int, tokens: list[int], pos: int, *, last_logits: bool) -> None:
-        """Evaluate tokens of one sequence at positions pos.. in one call (logits for all, or the last only)."""
+    def _decode_seq(self, seq: int, tokens: list[int], pos: int, *, logits: str) -> None:
+        """Evaluate tokens of one sequence at positions pos.. in one call, with logits for "all", the "last" or
+        "none" of them (a prompt block before the last one needs none: the lm_head is a large share of it)."""
         batch = self._batch
         batch.n_tokens = len(tokens)
+        last = len(tokens) - 1
         for i, token in enumerate(tokens):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos + i, 1
-            batch.seq_id[i][0], batch.logits[i] = seq, (not last_logits) or i == len(tokens) - 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = logits == "all" or (logits == "last" and i == last)
         self._decode()
 
     def _decode(self) -> None:
@@ -519,30 +561,43 @@ class Engine:
             self._finish(request, "stop")
             return
         if piece is not None:
-            request.emit(piece)
+            self._emit(request, piece)
         if len(request.stream.completion) >= request.max_tokens:
             self._finish(request, "length")
             return
         request.next_token = token
 
     def _finish(self, request: _Request, reason: str) -> None:
-        request.emit(request.stream.finish(reason))
+        self._emit(request, request.stream.finish(reason))
         self._end(request)
 
     def _end(self, request: _Request, error: BaseException | None = None) -> None:
-        if error is not None:
-            request.emit(error)
-        request.emit(None)
         if request in self._active:
             self._active.remove(request)
-        if request.slot is not None:
-            self.slots.release(request.slot)
+        if (slot := request.slot) is not None:
+            if any(ref not in self._loaded for ref, _ in slot.adapters):  # unloaded meanwhile: nobody may reuse it
+                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+                slot.adapters, slot.tokens, slot.exact = (), [], 0
+            self.slots.release(slot)
             request.slot = None
         if request.sampler is not None:
             request.sampler.free()
             request.sampler = None
         if self._retired:
             self._free_retired()
+        if error is not None:
+            self._emit(request, error)
+        self._emit(request, None)
+
+    @staticmethod
+    def _emit(request: _Request, item: Piece | BaseException | None) -> None:
+        """Hand an item to the request's reader; a reader that fails (its event loop closed, its pipe broke) only
+        loses its own request."""
+        try:
+            request.emit(item)
+        except Exception:
+            log.warning("a request's reader failed; it is cancelled", exc_info=True)
+            request.gone.set()
 
     # --- shutting down --------------------------------------------------------------------------
     def close(self) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -65,6 +66,7 @@ def _child(conn, base: ModelEntry, settings: EngineSettings, versions: list[adap
             log.error("engine restart: %s not reloaded: %s", version.ref, exc.message)
     engine.add_switch_listener(lambda seconds: send(("switch", seconds)))
     requests: dict[int, Any] = {}
+    table = threading.Lock()  # `requests`: filled by this reader, emptied by the engine thread
 
     def call(rid: int, work: Callable[[], object]) -> None:
         try:
@@ -76,6 +78,10 @@ def _child(conn, base: ModelEntry, settings: EngineSettings, versions: list[adap
     try:
         while True:
             try:
+                if not conn.poll(1.0):
+                    if not engine.alive():  # its loop died: exit, and the front end starts a new engine
+                        os._exit(70)
+                    continue
                 message = conn.recv()
             except (EOFError, OSError):
                 break
@@ -85,7 +91,8 @@ def _child(conn, base: ModelEntry, settings: EngineSettings, versions: list[adap
 
                 def emit(item, rid=rid) -> None:
                     if item is None:
-                        requests.pop(rid, None)
+                        with table:
+                            requests.pop(rid, None)
                         send(("end", rid, engine.cancelled_generations))
                     elif isinstance(item, BaseException):
                         send(("item", rid, _encode_error(item)))
@@ -93,12 +100,15 @@ def _child(conn, base: ModelEntry, settings: EngineSettings, versions: list[adap
                         send(("item", rid, item))
 
                 try:
-                    requests[rid] = engine.submit(tokens, adapters, params, emit, max_tokens=max_tokens)
+                    with table:  # so a request that ends at once is not put back after its end
+                        requests[rid] = engine.submit(tokens, adapters, params, emit, max_tokens=max_tokens)
                 except BaseException as exc:  # refused before it was queued
                     emit(exc)
                     emit(None)
             elif kind == "cancel":
-                if (request := requests.get(rid)) is not None:
+                with table:
+                    request = requests.get(rid)
+                if request is not None:
                     request.gone.set()
                     engine.wake()
             elif kind == "close":
@@ -171,31 +181,43 @@ class EngineProcess:
                 message = conn.recv()
             except (EOFError, OSError):
                 break
-            kind, *rest = message
-            if kind == "item":
-                rid, item = rest
-                if (emit := self._streams.get(rid)) is not None:
-                    emit(_decode_error(item) if isinstance(item, tuple) else item)
-            elif kind == "end":
-                rid, self.cancelled_generations = rest
-                self._watched.pop(rid, None)
-                if (emit := self._streams.pop(rid, None)) is not None:
-                    emit(None)
-            elif kind == "reply":
-                rid, ok, value = rest
-                if (future := self._replies.pop(rid, None)) is not None:
-                    future.set_result(value) if ok else future.set_exception(_decode_error(value))
-            elif kind == "switch":
-                self.adapter_switches += 1
-                for listener in self._switch_listeners:
-                    listener(rest[0])
-            elif kind == "ready":
-                self.n_ctx, loaded = rest
-                self._versions = {ref: v for ref, v in self._versions.items() if ref in loaded}
-                self.state, became_ready = "ready", True
-                self._ready.set()
+            try:
+                became_ready = self._dispatch(message) or became_ready
+            except Exception:  # one bad callback must not stop the reading (a crash would go unnoticed)
+                log.exception("a message from the engine could not be handed over")
         process.join(timeout=5)
+        if process.is_alive():  # its pipe closed but it lingers: make sure it is gone before another starts
+            process.kill()
+            process.join(timeout=5)
         self._engine_died(process.exitcode, restart=became_ready)
+
+    def _dispatch(self, message: tuple) -> bool:
+        """Hand one message from the engine to whoever waits for it; True when it says the engine is ready."""
+        kind, *rest = message
+        if kind == "item":
+            rid, item = rest
+            if (emit := self._streams.get(rid)) is not None:
+                emit(_decode_error(item) if isinstance(item, tuple) else item)
+        elif kind == "end":
+            rid, self.cancelled_generations = rest
+            self._watched.pop(rid, None)
+            if (emit := self._streams.pop(rid, None)) is not None:
+                emit(None)
+        elif kind == "reply":
+            rid, ok, value = rest
+            if (future := self._replies.pop(rid, None)) is not None:
+                future.set_result(value) if ok else future.set_exception(_decode_error(value))
+        elif kind == "switch":
+            self.adapter_switches += 1
+            for listener in self._switch_listeners:
+                listener(rest[0])
+        elif kind == "ready":
+            self.n_ctx, loaded = rest
+            self._versions = {ref: v for ref, v in self._versions.items() if ref in loaded}
+            self.state = "ready"
+            self._ready.set()
+            return True
+        return False
 
     def _engine_died(self, exitcode: int | None, *, restart: bool) -> None:
         """Fail everything that was inside the engine with a 503, then start a new one.
@@ -224,16 +246,17 @@ class EngineProcess:
         if restart:
             self.restarts += 1
             with self._lock:
-                self._start()
+                if not self._closing:  # close() may have come while the requests above were failed
+                    self._start()
 
     def _watch_cancels(self) -> None:
         """Tell the engine about requests whose client left, whether or not anyone still reads their stream."""
         while not self._closing:
             time.sleep(CANCEL_POLL_SECONDS)
             with self._lock:
-                gone = [rid for rid, event in self._watched.items() if event.is_set()]
+                gone = [rid for rid, event in list(self._watched.items()) if event.is_set()]
                 for rid in gone:
-                    del self._watched[rid]
+                    self._watched.pop(rid, None)
                     if self.state == "ready":
                         with contextlib.suppress(OSError, ValueError):
                             self._conn.send(("cancel", rid))
@@ -326,6 +349,8 @@ class EngineProcess:
         max_tokens: int | None = None,
     ) -> int:
         """Queue a generation whose pieces go to `emit`, from the pipe's reader thread; `None` marks the end."""
+        if not tokens:
+            raise ScalpelError("the prompt is empty", param="prompt")
         max_tokens = max_tokens if max_tokens is not None else self.check_fits(len(tokens), params.max_tokens)
         # A bad grammar or bias is the caller's 400, before anything is queued (the engine would refuse it later).
         Sampler(params, self.tokenizer.vocab, self.tokenizer.n_vocab).free()

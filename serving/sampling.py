@@ -63,7 +63,8 @@ class Sampler:
             add(self.chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
             add(self.chain, llama_cpp.llama_sampler_init_temp(params.temperature))
             seed = params.seed if params.seed is not None else random.randrange(2**31)
-            add(self.chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+            # 2**32 - 1 is LLAMA_DEFAULT_SEED, which llama.cpp reads as "draw a random seed": never pass it
+            add(self.chain, llama_cpp.llama_sampler_init_dist(seed % 0xFFFFFFFF))
         gbnf = params.grammar or (JSON_GBNF if params.json_object else None)
         if gbnf:
             self.grammar = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")
@@ -97,7 +98,10 @@ class Sampler:
         if with_grammar:
             llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(array))
         llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(array))
-        return int(array.data[array.selected].id)
+        chosen = array.data[array.selected]
+        if with_grammar and not np.isfinite(chosen.logit):  # accepting it would abort inside llama.cpp
+            raise ScalpelError("the grammar allows no token here", param="grammar", code="grammar_dead_end")
+        return int(chosen.id)
 
     def free(self) -> None:
         for sampler in (self.chain, self.grammar):

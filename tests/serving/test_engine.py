@@ -164,3 +164,21 @@ def test_a_failure_inside_the_loop_ends_that_request_and_the_engine_goes_on(adap
         assert engine.queue.depth == 0
     finally:
         engine.close()
+
+
+def test_every_seed_is_reproducible_and_a_reader_that_fails_loses_only_its_request(adapters_home):
+    """seed -1 is not llama.cpp's "random seed"; an emit that raises cancels its own request, and the engine goes on."""
+    engine = Engine(model_store.get("tiny"), EngineSettings(slots=2))
+    try:
+        tokens = engine.chat_tokens([{"role": "user", "content": "hi"}])
+        drawn = GenerationParams(max_tokens=8, temperature=1.0, seed=-1)
+        assert len({"".join(p.text for p in engine.generate(tokens, (), drawn)) for _ in range(3)}) == 1
+
+        def broken(_item):
+            raise RuntimeError("event loop is closed")
+
+        engine.submit(tokens, (), GenerationParams(max_tokens=50), broken)
+        assert "".join(p.text for p in engine.generate(tokens, (), GREEDY))
+        assert engine.alive()
+    finally:
+        engine.close()
