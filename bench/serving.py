@@ -247,6 +247,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--deterministic", action="store_true", help="serve scalpel with --deterministic")
     parser.add_argument("--skip", nargs="*", default=[], choices=["llama_cpp.server", "llama-server"])
     args = parser.parse_args()
     out_dir = Path(args.out)
@@ -274,6 +275,7 @@ def main() -> None:
         port = free_port()
         cmd = [sys.executable, "-m", "scalpel.cli", "serve", "--port", str(port), "--n-ctx", str(N_CTX),
                "--threads", threads, "--slots", str(args.slots)]  # fmt: skip
+        cmd += ["--deterministic"] if args.deterministic else []
         ours = Server("scalpel", cmd, port, env, "/health")
         ours.names, ours.base, ours.eos_bias = names, base.name, eos  # type: ignore[attr-defined]
         try:
@@ -324,8 +326,9 @@ def main() -> None:
                 py.stop()
 
     results["targets"] = targets(results)
-    (out_dir / "serving.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "serving.md").write_text(table(results))
+    stem = "serving-deterministic" if args.deterministic else "serving"
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (out_dir / f"{stem}.md").write_text(table(results))
     print(table(results))
 
 
