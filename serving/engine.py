@@ -21,12 +21,13 @@ import concurrent.futures
 import ctypes
 import functools
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from queue import SimpleQueue
+from typing import Protocol
 
 import llama_cpp
 import numpy as np
@@ -42,7 +43,7 @@ from serving.slots import AdapterSet, Slot, SlotTable
 from serving.text_stream import Piece, TextStream
 from serving.tokenizer import Tokenizer, quiet_llama_logs
 
-__all__ = ["PROBE_PROMPT", "AdapterSet", "Engine", "EngineDown", "GenerationParams", "Piece", "Scores"]
+__all__ = ["PROBE_PROMPT", "AdapterSet", "Engine", "EngineDown", "EngineFront", "GenerationParams", "Piece", "Scores"]
 
 log = logging.getLogger("scalpel.serving")
 PROBE_PROMPT = "Hello, world."  # evaluated with every adapter as it loads: its logits must be finite
@@ -86,7 +87,7 @@ class _Request:
         self.max_tokens: int = max_tokens
         self.sampler = sampler
         self.emit: Callable[[Piece | BaseException | None], None] = emit  # None: the end
-        self.cancelled: threading.Event | None = cancelled
+        self.cancelled: Flag | None = cancelled
         self.gone = threading.Event()  # the reader stopped reading
         self.stream = TextStream(params.stop, len(tokens))
         self.slot: Slot | None = None
@@ -98,7 +99,105 @@ class _Request:
         return self.gone.is_set() or (self.cancelled is not None and self.cancelled.is_set())
 
 
-class Engine:
+class Flag(Protocol):
+    """A cancellation signal: a threading.Event, or Either of two."""
+
+    def is_set(self) -> bool: ...
+
+
+class Either:
+    """Set when either event is: the client left (`first`) or the reader stopped reading (`second`)."""
+
+    def __init__(self, first: Flag | None, second: Flag):
+        self.first, self.second = first, second
+
+    def is_set(self) -> bool:
+        return self.second.is_set() or (self.first is not None and self.first.is_set())
+
+
+class EngineFront:
+    """What the Engine and the EngineProcess share: the vocabulary, the context's room, admission, switch
+    listeners, and `generate` as an iterator over `submit`."""
+
+    tokenizer: Tokenizer
+    n_ctx: int  # tokens per slot
+    queue: FairQueue
+    _switch_listeners: list[Callable[[float], None]]
+
+    def add_switch_listener(self, listener: Callable[[float], None]) -> None:
+        """Call `listener` with the seconds every later adapter-set change takes."""
+        self._switch_listeners.append(listener)
+
+    def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self.tokenizer.chat_tokens(messages, tools)
+
+    def text_tokens(self, text: str) -> list[int]:
+        return self.tokenizer.text_tokens(text)
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.tokenizer.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.tokenizer.detokenize(tokens)
+
+    def check_fits(self, n_prompt: int, max_tokens: int | None) -> int:
+        return answer_room(self.n_ctx, n_prompt, max_tokens)
+
+    def submit(
+        self,
+        tokens: list[int],
+        adapters: AdapterSet,
+        params: GenerationParams,
+        emit: Callable[[Piece | BaseException | None], None],
+        *,
+        cancelled: Flag | None = None,
+        max_tokens: int | None = None,
+    ) -> object:
+        """Queue a generation whose pieces go to `emit` (from another thread); `None` marks the end."""
+        raise NotImplementedError
+
+    def wake(self) -> None:
+        """Have the engine look at its requests now (one was cancelled from outside); a no-op where it polls."""
+
+    def generate(
+        self,
+        tokens: list[int],
+        adapters: AdapterSet,
+        params: GenerationParams,
+        *,
+        ticket: Ticket | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Iterator[Piece]:
+        """Decode with llama.cpp's sampler, releasing text as it becomes final.
+
+        Text that could still turn into a stop sequence is held back; the last Piece carries the
+        finish_reason and exact usage (every sampled token but an end-of-generation one). A reader that stops
+        reading cancels the generation, as `cancelled` does.
+        """
+        max_tokens = self.check_fits(len(tokens), params.max_tokens)
+        ticket = ticket or self.queue.reserve()
+        out: SimpleQueue = SimpleQueue()
+        gone = threading.Event()
+        try:
+            self.submit(tokens, adapters, params, out.put, cancelled=Either(cancelled, gone), max_tokens=max_tokens)
+        except BaseException:
+            self.queue.release(ticket)
+            raise
+        return self._read(out, ticket, gone)
+
+    def _read(self, out: SimpleQueue, ticket: Ticket, gone: threading.Event) -> Iterator[Piece]:
+        try:
+            while (item := out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            gone.set()
+            self.queue.release(ticket)
+            self.wake()
+
+
+class Engine(EngineFront):
     """Holds the base model and its context; the engine thread is the only one that touches the context."""
 
     def __init__(self, base: ModelEntry, settings: EngineSettings = EngineSettings()):
@@ -152,26 +251,6 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="scalpel-engine", daemon=True)
         self._thread.start()
 
-    def add_switch_listener(self, listener: Callable[[float], None]) -> None:
-        """Call `listener` with the seconds every later adapter-set change takes."""
-        self._switch_listeners.append(listener)
-
-    # --- the tokenizer's face -------------------------------------------------------------------
-    def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return self.tokenizer.chat_tokens(messages, tools)
-
-    def text_tokens(self, text: str) -> list[int]:
-        return self.tokenizer.text_tokens(text)
-
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        return self.tokenizer.tokenize(text, add_special=add_special, parse_special=parse_special)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return self.tokenizer.detokenize(tokens)
-
-    def check_fits(self, n_prompt: int, max_tokens: int | None) -> int:
-        return answer_room(self.n_ctx, n_prompt, max_tokens)
-
     def alive(self) -> bool:
         """Whether the engine loop still runs (it stops only when closed, or if it failed)."""
         return self._thread.is_alive()
@@ -202,20 +281,19 @@ class Engine:
                 param="model",
                 code="base_mismatch",
             )
-        self._call(lambda: self._init_adapter(version, probe=True))
+        self._call(lambda: self._init_adapter(version))
         return version.ref
 
     def unload(self, ref: str) -> None:
         self._call(lambda: self._unload(ref))
 
-    def _init_adapter(self, version: adapter_store.AdapterVersion, *, probe: bool) -> ctypes.c_void_p:
+    def _init_adapter(self, version: adapter_store.AdapterVersion) -> None:
+        """Load (or take back from the retired ones) an adapter, probed on a short prompt first."""
         if (pointer := self._loaded.get(version.ref) or self._retired.pop(version.ref, None)) is not None:
             self._loaded[version.ref] = pointer
-            return pointer
-        pointer = llama_cpp.llama_adapter_lora_init(self.model, str(version.gguf).encode())
-        if not pointer:
-            raise ScalpelError(f"llama.cpp could not load {version.ref}", param="model", code="invalid_adapter")
-        if probe and not self._probe_finite(pointer):
+            return
+        pointer = self._open(version)
+        if not self._probe_finite(pointer):
             llama_cpp.llama_adapter_lora_free(pointer)
             raise ConflictError(
                 f"{version.ref} gives non-finite logits (NaN or infinity) on a probe prompt: its weights are damaged",
@@ -224,15 +302,17 @@ class Engine:
             )
         self._loaded[version.ref] = pointer
         self._versions[version.ref] = version
+
+    def _open(self, version: adapter_store.AdapterVersion) -> ctypes.c_void_p:
+        pointer = llama_cpp.llama_adapter_lora_init(self.model, str(version.gguf).encode())
+        if not pointer:
+            raise ScalpelError(f"llama.cpp could not load {version.ref}", param="model", code="invalid_adapter")
         return pointer
 
     def _reopen(self, ref: str) -> ctypes.c_void_p:
         """An adapter unloaded after a request chose it: the request still gets it, as a retired pointer that is
         freed when no request uses it (it is not listed as loaded again)."""
-        pointer = llama_cpp.llama_adapter_lora_init(self.model, str(self._versions[ref].gguf).encode())
-        if not pointer:
-            raise ScalpelError(f"llama.cpp could not load {ref}", param="model", code="invalid_adapter")
-        self._retired[ref] = pointer
+        self._retired[ref] = pointer = self._open(self._versions[ref])
         return pointer
 
     def _probe_finite(self, pointer: ctypes.c_void_p) -> bool:
@@ -286,42 +366,6 @@ class Engine:
             listener(elapsed)
 
     # --- requests -------------------------------------------------------------------------------
-    def generate(
-        self,
-        tokens: list[int],
-        adapters: AdapterSet,
-        params: GenerationParams,
-        *,
-        ticket: Ticket | None = None,
-        cancelled: threading.Event | None = None,
-    ) -> Iterator[Piece]:
-        """Decode with llama.cpp's sampler, releasing text as it becomes final.
-
-        Text that could still turn into a stop sequence is held back; the last Piece carries the
-        finish_reason and exact usage (every sampled token but an end-of-generation one).
-        """
-        max_tokens = self.check_fits(len(tokens), params.max_tokens)
-        ticket = ticket or self.queue.reserve()
-        out: queue.SimpleQueue = queue.SimpleQueue()
-        try:
-            request = self.submit(tokens, adapters, params, out.put, cancelled=cancelled, max_tokens=max_tokens)
-        except BaseException:
-            self.queue.release(ticket)
-            raise
-        return self._read(out, request, ticket)
-
-    def _read(self, out: queue.SimpleQueue, request: _Request, ticket: Ticket) -> Iterator[Piece]:
-        try:
-            while (item := out.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            request.gone.set()
-            self.queue.release(ticket)
-            with self._cond:
-                self._cond.notify_all()
-
     def submit(
         self,
         tokens: list[int],
@@ -329,7 +373,7 @@ class Engine:
         params: GenerationParams,
         emit: Callable[[Piece | BaseException | None], None],
         *,
-        cancelled: threading.Event | None = None,
+        cancelled: Flag | None = None,
         max_tokens: int | None = None,
     ) -> _Request:
         """Queue a generation whose pieces go to `emit`, from the engine thread; `None` marks the end."""

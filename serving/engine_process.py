@@ -16,17 +16,16 @@ import itertools
 import logging
 import multiprocessing
 import os
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from core import adapter_store, threads
 from core.errors import ScalpelError
 from core.model_store import ModelEntry
-from serving.engine import AdapterSet, Engine, EngineDown, Scores, answer_room
-from serving.queue import FairQueue, Ticket
+from serving.engine import AdapterSet, Engine, EngineDown, EngineFront, Flag, Scores
+from serving.queue import FairQueue
 from serving.sampling import GenerationParams, Sampler
 from serving.settings import EngineSettings
 from serving.text_stream import Piece
@@ -120,17 +119,7 @@ def _child(conn, base: ModelEntry, settings: EngineSettings, versions: list[adap
         engine.close()
 
 
-class _Either:
-    """Set when either event is: the client left (`cancelled`) or the reader stopped reading (`gone`)."""
-
-    def __init__(self, first: threading.Event | None, second: threading.Event):
-        self.first, self.second = first, second
-
-    def is_set(self) -> bool:
-        return self.second.is_set() or (self.first is not None and self.first.is_set())
-
-
-class EngineProcess:
+class EngineProcess(EngineFront):
     """The Engine's interface, served by an engine process that restarts when it dies."""
 
     def __init__(self, base: ModelEntry, settings: EngineSettings = EngineSettings()):
@@ -147,7 +136,7 @@ class EngineProcess:
         self._switch_listeners: list[Callable[[float], None]] = []
         self._versions: dict[str, adapter_store.AdapterVersion] = {}  # loaded in the engine: reloaded on restart
         self._streams: dict[int, Callable[[Piece | BaseException | None], None]] = {}  # emit, by request id
-        self._watched: dict[int, threading.Event | _Either] = {}  # running requests' cancel events
+        self._watched: dict[int, Flag] = {}  # running requests' cancel events
         self._replies: dict[int, concurrent.futures.Future] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()  # the pipe's sending end, the tables above and the process handle
@@ -281,25 +270,7 @@ class EngineProcess:
                 raise
         return future.result()
 
-    # --- the Engine's interface -----------------------------------------------------------------
-    def add_switch_listener(self, listener: Callable[[float], None]) -> None:
-        self._switch_listeners.append(listener)
-
-    def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return self.tokenizer.chat_tokens(messages, tools)
-
-    def text_tokens(self, text: str) -> list[int]:
-        return self.tokenizer.text_tokens(text)
-
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        return self.tokenizer.tokenize(text, add_special=add_special, parse_special=parse_special)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return self.tokenizer.detokenize(tokens)
-
-    def check_fits(self, n_prompt: int, max_tokens: int | None) -> int:
-        return answer_room(self.n_ctx, n_prompt, max_tokens)
-
+    # --- the Engine's interface (the vocabulary's part comes from EngineFront) ------------------
     def loaded(self) -> list[str]:
         return sorted(self._versions)
 
@@ -317,27 +288,6 @@ class EngineProcess:
     def score(self, tokens: list[int], adapters: AdapterSet) -> Scores:
         return self._request("score", tokens, adapters)
 
-    def generate(
-        self,
-        tokens: list[int],
-        adapters: AdapterSet,
-        params: GenerationParams,
-        *,
-        ticket: Ticket | None = None,
-        cancelled: threading.Event | None = None,
-    ) -> Iterator[Piece]:
-        max_tokens = self.check_fits(len(tokens), params.max_tokens)
-        ticket = ticket or self.queue.reserve()
-        stream: queue.SimpleQueue = queue.SimpleQueue()
-        gone = threading.Event()  # the reader stopped reading: cancel, whatever `cancelled` says
-        try:
-            watch = _Either(cancelled, gone)
-            rid = self.submit(tokens, adapters, params, stream.put, cancelled=watch, max_tokens=max_tokens)
-        except BaseException:
-            self.queue.release(ticket)
-            raise
-        return self._read(rid, stream, ticket, gone)
-
     def submit(
         self,
         tokens: list[int],
@@ -345,7 +295,7 @@ class EngineProcess:
         params: GenerationParams,
         emit: Callable[[Piece | BaseException | None], None],
         *,
-        cancelled: threading.Event | _Either | None = None,
+        cancelled: Flag | None = None,
         max_tokens: int | None = None,
     ) -> int:
         """Queue a generation whose pieces go to `emit`, from the pipe's reader thread; `None` marks the end."""
@@ -366,16 +316,6 @@ class EngineProcess:
                 self._watched.pop(rid, None)
                 raise
         return rid
-
-    def _read(self, rid: int, stream: queue.SimpleQueue, ticket: Ticket, gone: threading.Event) -> Iterator[Piece]:
-        try:
-            while (item := stream.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            gone.set()  # the watcher tells the engine if it is still running
-            self.queue.release(ticket)
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
         """Block until the engine answers again (after a restart); False on timeout."""

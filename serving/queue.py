@@ -26,7 +26,7 @@ class FairQueue:
     def __init__(self, max_waiting: int = 16, running: int = 1):
         self.max_waiting = max_waiting
         self.running = running  # requests the engine runs at once (its KV slots)
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._line: deque[Ticket] = deque()
         self._closed = False
 
@@ -37,7 +37,7 @@ class FairQueue:
 
     def reserve(self) -> Ticket:
         """Take a place in line now, so a full line is refused before any response has started."""
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down", code="shutting_down")
             if len(self._line) >= self.running + self.max_waiting:
@@ -51,11 +51,10 @@ class FairQueue:
             return ticket
 
     def release(self, ticket: Ticket) -> None:
-        with self._cond:
+        with self._lock:
             if ticket in self._line:
                 self._line.remove(ticket)
-            self._cond.notify_all()
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True

@@ -72,6 +72,7 @@ class Sampler:
                 self.free()
                 raise ScalpelError("llama.cpp could not parse the grammar", param="grammar", code="invalid_grammar")
             self._candidates = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+            self._ids = np.arange(n_vocab, dtype=np.int32)
             self._one = np.zeros(1, dtype=_TOKEN_DATA)
 
     def sample(self, ctx, index: int) -> int:
@@ -91,7 +92,7 @@ class Sampler:
 
     def _draw(self, logits: np.ndarray, *, with_grammar: bool) -> int:
         candidates = self._candidates
-        candidates["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        candidates["id"] = self._ids  # the chain sorts the array in place: every draw starts from vocabulary order
         candidates["logit"] = logits
         candidates["p"] = 0.0
         array = _view(candidates)

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
-
-class Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+from serving.responses import Open  # the same open description model as the serving routes'
 
 # ----- the plan's /api/training routes -----
 

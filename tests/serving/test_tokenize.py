@@ -5,27 +5,18 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from core import model_store
-from scalpel.demo import BackgroundServer
-from serving.app import create_app
-from serving.engine import Engine
-from tests.tiny_models import registered_home
-
 TEXT = "42 means FOR TWO: collaborative intelligence.\ndef add(a, b):\n    return a + b"
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama, tmp_path_factory):
-    with registered_home(tmp_path_factory.mktemp("home"), tiny_llama):
-        engine = Engine(model_store.get("tiny"))
-        yield engine
-        engine.close()
+def engine(base_engine):
+    """The shared tiny base (tests/serving/conftest.py)."""
+    return base_engine
 
 
 @pytest.fixture(scope="module")
-def root(engine):
-    with BackgroundServer(create_app(engine)) as server:
-        yield server.base_url.removesuffix("/v1")
+def root(base_server):
+    return base_server.base_url.removesuffix("/v1")
 
 
 def tokenize(root: str, **body) -> list:
