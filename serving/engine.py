@@ -293,7 +293,12 @@ class Engine(EngineFront):
             self._loaded[version.ref] = pointer
             return
         pointer = self._open(version)
-        if not self._probe_finite(pointer):
+        try:
+            finite = self._probe_finite(pointer)
+        except BaseException:  # the probe itself failed: do not keep a pointer nobody will free
+            llama_cpp.llama_adapter_lora_free(pointer)
+            raise
+        if not finite:
             llama_cpp.llama_adapter_lora_free(pointer)
             raise ConflictError(
                 f"{version.ref} gives non-finite logits (NaN or infinity) on a probe prompt: its weights are damaged",
