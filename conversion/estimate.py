@@ -69,6 +69,14 @@ def load_profile(spec: str) -> tuple[dict, BaseLayout]:
     return config, layout_from_hf_config(config, str(path))
 
 
+def hf_id(profile: str) -> str | None:
+    """The Hugging Face id of the model a shipped profile describes (`_hf_id`), if there is such a profile."""
+    shipped = PROFILES / f"{profile}.json"
+    if not shipped.is_file():
+        return None
+    return json.loads(shipped.read_text(encoding="utf-8")).get("_hf_id")
+
+
 def lora_size(layout: BaseLayout, r: int, target_modules: list[str]) -> LoraEstimate:
     params = 0
     for i in range(layout.n_layers):

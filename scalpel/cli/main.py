@@ -12,9 +12,23 @@ import sys
 
 from core.errors import ScalpelError
 from core.paths import enforce_offline
-from scalpel.cli import adapters, chat, convert, data, demo, doctor, evaluate, jobs, models, serve, train, update
+from scalpel.cli import (
+    adapters,
+    chat,
+    convert,
+    data,
+    demo,
+    doctor,
+    evaluate,
+    export,
+    jobs,
+    models,
+    serve,
+    train,
+    update,
+)
 
-GROUPS = [models, train, convert, serve, chat, data, adapters, update, evaluate, jobs, demo, doctor]
+GROUPS = [models, train, convert, serve, chat, data, adapters, update, evaluate, export, jobs, demo, doctor]
 
 
 def build_parser() -> argparse.ArgumentParser:
