@@ -1,0 +1,87 @@
+"""Retention checks that do not generate: teacher-force the live version's own right answers through a candidate.
+
+Generating every earlier suite's answers is what made updates slow down as knowledge grew: each answer is up to
+96 one-token decodes. But a candidate that, fed the live version's answer, picks every token of it up to the
+point where the answer carries its facts (greedy, teacher-forced) generates that same prefix, so it passes
+the question too. That is one forward pass per question instead of 96. Only questions where the candidate
+departs before the facts, and those the live version got wrong, are generated, and scored as before.
+
+The smallest margin (top-1 minus top-2 logit) along the fact tokens says how close a kept answer came to
+flipping: the replay budget (scalpel.replay_budget) spends its examples on the concepts with the thinnest.
+
+One caveat, measured in scalpel.evaluate: llama.cpp's batched and one-token kernels round differently, so at
+near-ties a teacher-forced pick can differ from the generated one. A departure caused by that is only a
+generation more; it never passes an answer that generation would fail, except through rounding at a near-tie.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scalpel import evaluate
+from scalpel.evaluate import EvalItem, SuiteResult
+from serving.engine import AdapterSet, Engine
+
+
+@dataclass
+class Forced:
+    """One question teacher-forced along a reference answer."""
+
+    kept: bool  # the candidate picks every token of the answer through its facts
+    fact_tokens: int  # how many answer tokens it takes to carry the facts
+    margin: float  # the smallest margin along those tokens (inf when the facts need no tokens)
+    departs_at: int | None  # the first answer token the candidate would not pick, if any before the facts
+
+
+def fact_prefix(engine: Engine, item: EvalItem, answer_ids: list[int]) -> int | None:
+    """The fewest answer tokens whose text already passes the item (its required phrases are all, or any, in
+    it), or None when even the whole answer does not."""
+    for k in range(len(answer_ids) + 1):
+        if item.required and item.passes(engine.detokenize(answer_ids[:k])):
+            return k
+    return None
+
+
+def forced(engine: Engine, adapters: AdapterSet, item: EvalItem, answer: str) -> Forced | None:
+    """Teacher-force `answer` to `item.question` under `adapters`; None when the answer carries no facts to
+    check this way (it fails the item, or the item only forbids phrases, which a prefix cannot settle)."""
+    if item.forbidden or not item.required:
+        return None
+    ids = engine.tokenize(answer, add_special=False, parse_special=False)
+    need = fact_prefix(engine, item, ids)
+    if need is None:
+        return None
+    if need == 0:
+        return Forced(True, 0, float("inf"), None)
+    prompt = engine.chat_tokens([{"role": "user", "content": item.question}])
+    scores = engine.score(prompt + ids[:need], adapters)
+    start = len(prompt) - 1  # the position that predicts the answer's first token
+    choices, margins = scores.choices[start : start + need], scores.margins[start : start + need]
+    departs = next((i for i, (c, t) in enumerate(zip(choices, ids[:need], strict=True)) if int(c) != t), None)
+    return Forced(departs is None, need, float(margins.min()), departs)
+
+
+def check_suite(
+    engine: Engine, adapters: AdapterSet, items: list[EvalItem], name: str, live: dict | None
+) -> tuple[SuiteResult, dict[str, float], int]:
+    """A suite's result as run_suite would give it, generating only where teacher forcing cannot decide.
+
+    `live` is the live version's result for this suite (SuiteResult.as_dict), whose passing answers are
+    forced through the candidate. Also returns each concept's thinnest margin (0 for a concept that needed
+    a generation or lost an answer: at risk) and how many questions were generated.
+    """
+    known = {a["question"]: a["answer"] for a in (live or {}).get("answers", []) if a["passed"]}
+    answers, risk, generated = [], {}, 0
+    for item in items:
+        check = forced(engine, adapters, item, known[item.question]) if item.question in known else None
+        if check is not None and check.kept:
+            answer, passed, how = known[item.question], True, "forced"
+            risk[item.concept] = min(risk.get(item.concept, float("inf")), check.margin)
+        else:
+            answer = evaluate.ask(engine, adapters, item.question)
+            passed, how, generated = item.passes(answer), "generated", generated + 1
+            risk[item.concept] = 0.0
+        answers.append(
+            {"question": item.question, "concept": item.concept, "answer": answer, "passed": passed, "checked": how}
+        )
+    return SuiteResult(name, answers), risk, generated
