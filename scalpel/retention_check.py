@@ -71,7 +71,9 @@ def check_suite(
     a generation or lost an answer: at risk) and how many questions were generated.
     """
     known = {a["question"]: a["answer"] for a in (live or {}).get("answers", []) if a["passed"]}
-    answers, risk, generated = [], {}, 0
+    answers: list[dict] = []
+    risk: dict[str, float] = {}
+    generated = 0
     for item in items:
         check = forced(engine, adapters, item, known[item.question]) if item.question in known else None
         if check is not None and check.kept:
