@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
+
+import pydantic
+
+from core.errors import ScalpelError
 
 
 def cmd_serve(args) -> None:
@@ -30,7 +36,34 @@ def cmd_serve(args) -> None:
         }.items()
         if v is not None
     }
-    serve(ServeSettings(**overrides))
+    with flag_errors():
+        settings = ServeSettings(**overrides)
+    if args.replicas is None and args.ray_address is None:
+        serve(settings)
+        return
+    # A fleet on Ray Serve; Ray is imported only here, so a plain `scalpel serve` never starts it.
+    from scalpel.fleet import FleetSettings, serve_fleet
+
+    fleet = {
+        "replicas": args.replicas,
+        "ray_address": args.ray_address,
+        "max_adapters_per_replica": args.max_adapters_per_replica,
+        "cpus_per_replica": args.cpus_per_replica,
+    }
+    with flag_errors():
+        chosen = FleetSettings(**{k: v for k, v in fleet.items() if v is not None})
+    serve_fleet(settings, chosen)
+
+
+@contextlib.contextmanager
+def flag_errors() -> Iterator[None]:
+    """A setting out of range is a clear error naming its flag, not a traceback."""
+    try:
+        yield
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "settings"
+        raise ScalpelError(f"--{field.replace('_', '-')}: {first['msg']}", param=field) from exc
 
 
 def register(sub, threads: argparse.ArgumentParser) -> None:
@@ -66,5 +99,20 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the plan's flow: POST /api/adapters/NAME/load makes the base's name serve that adapter until it is "
         "unloaded; BASE@base stays the bare base (default off; env SCALPEL_ATTACH_ON_LOAD)",
+    )
+    fleet = serve.add_argument_group("fleet", "several replicas of the server on Ray Serve, routed by model")
+    fleet.add_argument("--replicas", type=int, help="run this many replicas on Ray Serve (default: one plain server)")
+    fleet.add_argument(
+        "--ray-address",
+        help="run the fleet on a running Ray cluster: auto, or HEAD:6379 (2 replicas unless --replicas; "
+        "default: a Ray cluster in this process, on 127.0.0.1)",
+    )
+    fleet.add_argument(
+        "--max-adapters-per-replica", type=int, help="adapter versions each replica keeps loaded (default 3)"
+    )
+    fleet.add_argument(
+        "--cpus-per-replica",
+        type=int,
+        help="CPUs Ray reserves per replica, and its llama.cpp threads (default: --threads, else cores / replicas)",
     )
     serve.set_defaults(func=cmd_serve)
