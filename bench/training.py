@@ -6,6 +6,13 @@ random order, with the same batch size and gradient accumulation, over the same 
 Also checks that packing and padding give the same loss on a fixed batch (packed examples must not see each
 other), and reports each arm's peak RSS.
 
+Speed counts only at equal quality, and the two arms' train_loss figures weight their steps differently (a
+packed step and a padded one average over different token counts), so they do not say which arm learned more.
+One example of each concept is held out of training (seeded; the same for both arms and both --data), and each
+arm's adapter is scored on them: the token-weighted mean loss over their answer tokens, in eval mode, one example
+at a time, before training, after every quarter of the epoch's tokens (at the first optimizer step past it, with
+the tokens actually seen) and at the end. That scoring is not counted in the arms' training time.
+
     .venv/bin/python bench/training.py [--steps N] [--batch-size 1] [--accumulation 4] [--data tron|plan-shaped]
 
 --data tron is the repository's example knowledge file: 30-word answers, 66-94 tokens per example, so there
@@ -23,6 +30,7 @@ import os
 import resource
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,16 +60,57 @@ def plan_shaped(examples: list) -> list:
     return shaped
 
 
+def split_heldout(examples: list, seed: int = 0) -> tuple[list, list]:
+    """(training, held out): one example of each concept held out, chosen with a seeded generator."""
+    import random
+
+    rng = random.Random(seed)
+    by_concept: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_concept.setdefault(ex.concept, []).append(i)
+    held = {rng.choice(indexes) for _, indexes in sorted(by_concept.items())}
+    return [ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held]
+
+
 def _rows(entry, data: str = "tron", max_len: int = 2048):
+    """The tokenizer, the training rows and the held-out rows (never plan-shaped: the held-out answers are the
+    data's own, so that no training answer is joined into them)."""
     from training.base_model import load_tokenizer, template_info
     from training.dataset import load_examples, tokenize_example
 
     tokenizer, info = load_tokenizer(entry), template_info(entry)
-    examples = load_examples(DATA)
+    examples, heldout = split_heldout(load_examples(DATA))
     if data == "plan-shaped":
         examples = plan_shaped(examples)
-    rows = [tokenize_example(ex, tokenizer, info, max_len) for ex in examples]
-    return tokenizer, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+
+    def tokenized(chosen):
+        rows = [tokenize_example(ex, tokenizer, info, max_len) for ex in chosen]
+        return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+
+    return tokenizer, tokenized(examples), tokenized(heldout)
+
+
+def heldout_loss(model, rows: list[dict]) -> float:
+    """The token-weighted mean cross-entropy over the answer tokens of `rows`, in eval mode (no dropout), one
+    example at a time, so that no padding or packing enters it."""
+    import torch
+
+    from training.dataset import IGNORE_INDEX
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].float()
+            targets = torch.tensor(row["labels"][1:])
+            total += float(
+                torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            )
+            count += int((targets != IGNORE_INDEX).sum())
+    if was_training:
+        model.train()
+    return total / count
 
 
 def _arm(ours: bool, steps: int, batch_size: int, accumulation: int, data: str, home: str) -> dict:
@@ -84,7 +133,7 @@ def _arm(ours: bool, steps: int, batch_size: int, accumulation: int, data: str, 
 
     torch.manual_seed(0)
     entry = model_store.ensure_default()
-    tokenizer, rows = _rows(entry, data)
+    tokenizer, rows, heldout = _rows(entry, data)
     model = load_model(entry)
     model.config.use_cache = False
     model = get_peft_model(
@@ -134,14 +183,45 @@ def _arm(ours: bool, steps: int, batch_size: int, accumulation: int, data: str, 
         return original(model, inputs, *rest, **kwargs)
 
     trainer.training_step = counting_step
+    # Held-out checkpoints at each quarter of the tokens this run will see (one epoch's worth per epoch of steps).
+    epoch_tokens = sum(len(r["input_ids"]) for r in rows)
+    steps_per_epoch = -(-len(rows) // (batch_size * accumulation))
+    planned = epoch_tokens * steps / steps_per_epoch
+    checkpoints = [{"fraction": 0.0, "step": 0, "tokens": 0, "loss": heldout_loss(model, heldout)}]
+    scoring = {"seconds": 0.0}
+
+    class HeldOut(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            fraction = min(int(4 * seen["real"] / planned), 3) / 4  # the last quarter this step passed
+            if fraction > checkpoints[-1]["fraction"]:
+                began = time.perf_counter()
+                loss = heldout_loss(model, heldout)
+                scoring["seconds"] += time.perf_counter() - began
+                checkpoints.append(
+                    {"fraction": fraction, "step": state.global_step, "tokens": seen["real"], "loss": loss}
+                )
+
+    trainer.add_callback(HeldOut())
     metrics = trainer.train().metrics
+    # A quarter first passed at the last step is the final checkpoint itself; with --steps shorter or longer than
+    # an epoch, a quarter of the estimated total may never be passed: those are left out.
+    checkpoints[:] = [c for c in checkpoints if c["step"] < steps]
+    checkpoints.append({"fraction": 1.0, "step": steps, "tokens": seen["real"], "loss": heldout_loss(model, heldout)})
+    train_seconds = metrics["train_runtime"] - scoring["seconds"]
     return {
         "arm": f"{'scalpel' if ours else 'HF default'} ({how}) {micro}x{accumulate}",
-        "train_seconds": metrics["train_runtime"],
+        "train_seconds": train_seconds,
         "real_tokens": seen["real"],
         "computed_tokens": seen["computed"],
-        "tokens_per_second": seen["real"] / metrics["train_runtime"],
+        "tokens_per_second": seen["real"] / train_seconds,
         "final_loss": metrics["train_loss"],
+        "heldout_loss": checkpoints[-1]["loss"],
+        "heldout": {
+            "examples": len(heldout),
+            "answer_tokens": sum(sum(t != -100 for t in r["labels"][1:]) for r in heldout),
+            "checkpoints": checkpoints,
+            "scoring_seconds": scoring["seconds"],
+        },
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -156,7 +236,7 @@ def _fixed_batch_losses(batch_size: int, data: str, home: str) -> dict:
     from training.trainer import pack_collator
 
     entry = model_store.ensure_default()
-    tokenizer, rows = _rows(entry, data)
+    tokenizer, rows, _ = _rows(entry, data)
     model = load_model(entry).eval()
     model.config.use_cache = False
     batch = rows[:batch_size]
@@ -190,7 +270,9 @@ def main() -> None:
     args = parser.parse_args()
     home = os.environ.get("SCALPEL_HOME", str(ROOT))
     if args.steps is None:
-        examples = len(json.loads(DATA.read_text(encoding="utf-8")))
+        from training.dataset import load_examples
+
+        examples = len(split_heldout(load_examples(DATA))[0])
         args.steps = -(-examples // (args.batch_size * args.accumulation))
     losses = _in_child(_fixed_batch_losses, args.batch_size * args.accumulation, args.data, home)
     print(
@@ -205,9 +287,26 @@ def main() -> None:
         print(
             f"{arm['arm']:<30} {arm['tokens_per_second']:7.1f} tok/s  {arm['train_seconds']:6.1f} s  "
             f"computed {arm['computed_tokens']} tokens for {arm['real_tokens']} real  "
-            f"loss {arm['final_loss']:.4f}  peak RSS {arm['peak_rss_mb']:.0f} MB"
+            f"train loss {arm['final_loss']:.4f}  held-out loss {arm['heldout_loss']:.4f}  "
+            f"peak RSS {arm['peak_rss_mb']:.0f} MB"
         )
-    print(f"speed-up {ratio:.2f}x (target >= 1.3x)")
+    print(
+        f"held-out loss ({ours['heldout']['examples']} examples, {ours['heldout']['answer_tokens']} answer tokens) "
+        "at each quarter of the tokens: tokens seen HF / ours, loss HF / ours"
+    )
+    theirs = {c["fraction"]: c for c in baseline["heldout"]["checkpoints"]}
+    for b in ours["heldout"]["checkpoints"]:
+        if (a := theirs.get(b["fraction"])) is None:
+            continue
+        print(
+            f"  {a['fraction']:4.0%}  {a['tokens']:7d} / {b['tokens']:7d} tokens  "
+            f"{a['loss']:.4f} / {b['loss']:.4f}  ({b['loss'] - a['loss']:+.4f})"
+        )
+    difference = ours["heldout_loss"] - baseline["heldout_loss"]
+    print(
+        f"speed-up {ratio:.2f}x (target >= 1.3x) with held-out loss {ours['heldout_loss']:.4f} against "
+        f"{baseline['heldout_loss']:.4f} after the same {ours['real_tokens']} tokens ({difference:+.4f})"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -219,6 +318,7 @@ def main() -> None:
         "baseline": baseline,
         "ours": ours,
         "speedup": ratio,
+        "heldout_loss_difference": difference,  # ours minus HF's, on the final adapters: negative is better
     }
     written = out / f"training-{args.data}-{args.batch_size}x{args.accumulation}.json"
     written.write_text(json.dumps(result, indent=2))
