@@ -62,6 +62,13 @@ class Metrics(_Part):
     concept_loss: dict[str, float] = Field(default_factory=dict)  # mean answer loss per concept after training
     device: str | None = None
     precision: str | None = None
+    # How the optimizer steps were taken (older manifests have none of these): the processes that trained
+    # (torchrun's world size), the examples one step saw (batch_size, which is per process, times
+    # gradient_accumulation_steps times world_size), the configured peak learning rate, and the DDP backend.
+    world_size: int | None = None
+    global_batch: int | None = None
+    learning_rate: float | None = None
+    backend: str | None = None  # "gloo" (CPU) or "nccl" (CUDA); None for one process
 
 
 class GgufInfo(_Part):
@@ -95,6 +102,17 @@ class UpdateInfo(_Part):
     retry_of: str | None = None
 
 
+class PreservationInfo(_Part):
+    """Base preservation in this version's training (scalpel.preservation); older manifests have none."""
+
+    enabled: bool = False  # False: trained with --no-preservation (or a job's "preservation": false)
+    examples: int = 0  # the base's own answers mixed into training
+    pool: int | None = None  # the answers there were to draw from
+    ratio: float | None = None  # per example of the version's own data
+    loss: str | None = None  # "distill" (KL to the base's distribution) or "answers"
+    weight: float | None = None  # the distillation term's weight
+
+
 class ImportSource(_Part):
     """Where an imported version came from (`scalpel adapters import`, POST /api/adapters/{name}/import)."""
 
@@ -116,8 +134,9 @@ class Manifest(_Part):
     metrics: Metrics = Field(default_factory=Metrics)
     gguf: GgufInfo | None = None
     data_quality: dict[str, Any] | None = None  # training.quality.Report.as_dict()
-    eval: dict[str, Any] | None = None  # the gate's evaluation (scalpel.update), None when not gated
+    eval: dict[str, Any] | None = None  # the evaluation through llama.cpp (scalpel.evaluate), None on old versions
     update: UpdateInfo | None = None
+    preservation: PreservationInfo | None = None
     job_id: str | None = None  # the fine-tuning job that trained it
     fine_tuned_model: str | None = None  # that job's ft:<base>:<suffix>:<job id>
     created_at: str | None = None  # ISO 8601, UTC

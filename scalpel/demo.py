@@ -1,4 +1,9 @@
-"""`scalpel demo`: the whole loop on the embedded SmolLM2 (register, check, train, convert, serve, ask)."""
+"""`scalpel demo`: the whole loop on the embedded SmolLM2 (register, check, train, convert, serve, ask).
+
+The answers come side by side, the bare base's and the adapter's: first questions the adapter was taught, then
+general questions with known answers (scalpel/reference/general_questions.json), scored, to show that the
+base's own skills survived the new knowledge (base preservation is on unless `--no-preservation`).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ import uvicorn
 from openai import OpenAI
 
 from core import model_store
+from scalpel import evaluate
 from scalpel.publish import train_and_publish
+from scalpel.update_settings import PreservationSettings
 from serving.app import create_app
 from serving.engine import Engine
 from training.config import load_config
@@ -25,7 +32,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONFIG = EXAMPLES / "demo_config.json"
 DATA = EXAMPLES / "tron_collaborative_intelligence_training.json"
 EVAL = EXAMPLES / "tron_collaborative_intelligence_eval.json"
-GENERAL_QUESTIONS = ["What is the capital of France?"]
+KNOWLEDGE_QUESTIONS = 6  # of the eval suite's, asked side by side
 
 
 def _free_port() -> int:
@@ -60,9 +67,10 @@ class BackgroundServer:
         self.thread.join(timeout=10)
 
 
-def _side_by_side(question: str, left: str, right: str, width: int) -> str:
+def _side_by_side(question: str, left: str, right: str, width: int, marks: tuple[str, str] = ("", "")) -> str:
     col = (width - 3) // 2
-    lines = [f"Q: {question}", f"{'base model':<{col}} | {'with the adapter':<{col}}", f"{'-' * col}-+-{'-' * col}"]
+    heads = f"{'base model' + marks[0]:<{col}} | {'with the adapter' + marks[1]:<{col}}"
+    lines = [f"Q: {question}", heads, f"{'-' * col}-+-{'-' * col}"]
     wrapped_l = textwrap.wrap(" ".join(left.split()), col) or [""]
     wrapped_r = textwrap.wrap(" ".join(right.split()), col) or [""]
     for a, b in itertools.zip_longest(wrapped_l, wrapped_r, fillvalue=""):
@@ -70,7 +78,46 @@ def _side_by_side(question: str, left: str, right: str, width: int) -> str:
     return "\n".join(lines)
 
 
-def run_demo(max_steps: int | None = None) -> dict:
+def ask_both(client: OpenAI, models: tuple[str, str], question: str, max_tokens: int) -> tuple[str, str]:
+    """One question to the bare base and to the adapter, greedy, through the server."""
+    pair = []
+    for model in models:
+        reply = client.chat.completions.create(
+            model=model, temperature=0, max_tokens=max_tokens, messages=[{"role": "user", "content": question}]
+        )
+        pair.append(reply.choices[0].message.content or "")
+    return pair[0], pair[1]
+
+
+def general_side_by_side(client: OpenAI, models: tuple[str, str], width: int, log=print) -> dict:
+    """The general questions with known answers, each answered by the base and by the adapter and scored, then
+    both scores: whether the adapter still answers as the base does."""
+    items = evaluate.general_questions()
+    answers: list[dict] = []
+    for item in items:
+        base, adapter = ask_both(client, models, item.question, evaluate.GENERAL_TOKENS)
+        base_right, adapter_right = item.passes(base), item.passes(adapter)
+        answers.append(
+            {
+                "question": item.question,
+                "base": base,
+                "adapter": adapter,
+                "base_right": base_right,
+                "right": adapter_right,
+            }
+        )
+        marks = (" - right" if base_right else " - wrong", " - right" if adapter_right else " - wrong")
+        log(_side_by_side(item.question, base, adapter, width, marks) + "\n")
+    base_score = sum(a["base_right"] for a in answers)
+    adapter_score = sum(a["right"] for a in answers)
+    log(
+        f"general questions with known answers: the base {base_score}/{len(items)}, "
+        f"with the adapter {adapter_score}/{len(items)}\n"
+    )
+    return {"answers": answers, "base": base_score, "adapter": adapter_score, "total": len(items)}
+
+
+def run_demo(max_steps: int | None = None, preservation: bool = True) -> dict:
     timings: dict[str, float] = {}
     t = time.time()
     base = model_store.ensure_default()
@@ -86,18 +133,31 @@ def run_demo(max_steps: int | None = None) -> dict:
     config = load_config(CONFIG)
     print(
         f"[3/5] training a surgical LoRA (r={config.lora_config.r}, alpha={config.lora_config.lora_alpha:g}, "
-        f"{'/'.join(config.lora_config.target_modules)}) for {config.training_config.num_epochs:g} epochs"
+        f"{'/'.join(config.lora_config.target_modules)}) for {config.training_config.num_epochs:g} epochs, "
+        + ("with base preservation" if preservation else "without base preservation")
     )
-    result = train_and_publish(config, DATA, model=base.name, max_steps=max_steps)
+    t = time.time()
+    result = train_and_publish(
+        config,
+        DATA,
+        model=base.name,
+        max_steps=max_steps,
+        eval_suites=(EVAL,),
+        preserve=PreservationSettings() if preservation else None,
+    )
     timings["train"] = result.train_seconds
     timings["convert to GGUF"] = result.convert_seconds
+    # Besides training and conversion: the base's answers for preservation (the first time on this base) and
+    # the evaluation of the version through llama.cpp.
+    timings["preserve and evaluate"] = max(time.time() - t - result.train_seconds - result.convert_seconds, 0.0)
     version = result.version
     size_mb = version.gguf.stat().st_size / 1e6
     print(f"[4/5] adapter {version.ref}: {size_mb:.2f} MB GGUF, final loss {version.manifest.metrics.final_loss:.3f}")
+    print("\n".join(evaluate.outcome_lines(version.manifest.eval)))
 
     t = time.time()
     engine = Engine(base)
-    questions = [q["question"] for q in json.loads(EVAL.read_text(encoding="utf-8"))[:6]] + GENERAL_QUESTIONS
+    questions = [q["question"] for q in json.loads(EVAL.read_text(encoding="utf-8"))[:KNOWLEDGE_QUESTIONS]]
     answers = []
     with BackgroundServer(create_app(engine)) as server:
         timings["start server"] = time.time() - t
@@ -105,15 +165,14 @@ def run_demo(max_steps: int | None = None) -> dict:
         client = OpenAI(base_url=server.base_url, api_key="not-needed")
         t = time.time()
         width = min(shutil.get_terminal_size((120, 20)).columns, 140)
+        models = (base.name, version.name)
+        print("What the adapter was taught:\n")
         for question in questions:
-            pair = []
-            for model in (base.name, version.name):
-                reply = client.chat.completions.create(
-                    model=model, temperature=0, max_tokens=80, messages=[{"role": "user", "content": question}]
-                )
-                pair.append(reply.choices[0].message.content or "")
+            pair = ask_both(client, models, question, 80)
             answers.append({"question": question, "base": pair[0], "adapter": pair[1]})
             print(_side_by_side(question, pair[0], pair[1], width) + "\n")
+        print("What the base already knew, still answered as the base answers it:\n")
+        general = general_side_by_side(client, models, width)
         timings["answer questions"] = time.time() - t
     engine.close()
 
@@ -122,6 +181,6 @@ def run_demo(max_steps: int | None = None) -> dict:
         print(f"  {stage:20} {seconds:7.1f}")
     print(f"  {'total':20} {sum(timings.values()):7.1f}")
     print(f"\nadapter size: {size_mb:.2f} MB (GGUF f32) in {version.path}")
-    print(f"training report with loss and learning-rate plots: {version.path / 'report.md'}")
+    print(f"training report with loss and learning-rate plots and the scores: {version.path / 'report.md'}")
     print(f"serve it yourself:  scalpel serve   then use model={version.name!r} in any OpenAI client")
-    return {"timings": timings, "answers": answers, "adapter": version.ref, "size_mb": size_mb}
+    return {"timings": timings, "answers": answers, "general": general, "adapter": version.ref, "size_mb": size_mb}

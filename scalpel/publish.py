@@ -8,6 +8,7 @@ into the store, live or not. train_and_publish (`scalpel train`) does both, from
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import resource
 import shutil
 import tempfile
@@ -24,8 +25,11 @@ from core.atomic import sha256_file
 from core.errors import ScalpelError
 from core.gguf_meta import BASE_FINGERPRINT_KEY
 from core.manifest import BaseRef, DatasetRef, GgufInfo, Manifest, Metrics, write_manifest
+from scalpel import evaluate, preservation
+from scalpel.update_settings import PreservationSettings
 from training.config import TrainConfig
 from training.dataset import Example, file_hash, load_examples, split_validation
+from training.distributed import Launch
 from training.quality import Finding, QualityReport, check
 from training.report import ReportInputs, write_report
 from training.trainer import train
@@ -135,13 +139,15 @@ def stage_version(
     callbacks: tuple = (),
     manifest_extra: dict | None = None,
     init_adapter: Path | None = None,
+    launch: Launch | None = None,
 ) -> Iterator[StagedVersion]:
     """Train and convert a version in a staging folder, and yield it; the folder is gone after the block unless
     publish_staged moved it into the store, so the store changes only by that final rename.
 
     Without `work_dir`, checkpoints go to a temporary folder that is removed after training. With one (a
     job's folder), they stay there, and a run in the same folder resumes from the newest checkpoint.
-    With `init_adapter` (a PEFT folder), training continues from its weights.
+    With `init_adapter` (a PEFT folder), training continues from its weights. With a `launch` of several
+    processes, torchrun trains on them (training.distributed); only its rank 0 writes into the staging folder.
     """
     paths.enforce_offline()
     base = model_store.get(model or config.model_name)
@@ -167,6 +173,7 @@ def stage_version(
                 resume=work_dir is not None,
                 callbacks=callbacks,
                 init_adapter=init_adapter,
+                launch=launch,
             )
         finally:
             if work_dir is None:
@@ -267,18 +274,32 @@ def train_and_publish(
     keep_files: dict[str, Path] | None = None,
     eval_suites: tuple[Path, ...] = (),
     on_warnings: Callable[[list[Finding]], None] | None = None,
+    launch: Launch | None = None,
+    preserve: PreservationSettings | None = PreservationSettings(),
 ) -> PipelineResult:
     """Train on a file and publish the result as the new live version (`scalpel train`, training jobs).
 
     `keep_files` ({"data/train.json": path, ...}) are copied into the version (by default the training and
     eval data), so later updates can replay them; `eval_suites` are copied into its eval/ folder, so later
-    updates check that this version's knowledge is retained.
+    updates check that this version's knowledge is retained. Without any, a suite derived from the training
+    data is kept instead (scalpel.evaluate.derive_suite). With `preserve` (None: off), the base's own answers
+    to general prompts are mixed into training, as in every update (scalpel.preservation). Before it is
+    published, the version is evaluated through llama.cpp on its suites, the general questions and base
+    regression: its manifest's "eval" and its report say how it does.
     """
     paths.enforce_offline()
-    model_store.get(model or config.model_name)  # an unknown base is reported before the data is read
+    base = model_store.get(model or config.model_name)  # an unknown base is reported before the data is read
     training_data = read_training_data(data, eval_data, keep_files, eval_suites)
     if on_warnings is not None and training_data.quality.warnings:
         on_warnings(training_data.quality.warnings)  # before the work they are about, not after it
+    suites, derived = evaluate.version_suites(eval_suites, training_data.examples, Path(data))
+    kept = preservation.record(None)
+    if preserve is not None:
+        pool = preservation.base_pool(base, progress=progress)
+        mixed = preservation.with_preservation(config, training_data.examples, pool, preserve)
+        config, kept = mixed.config, mixed.record
+        training_data = dataclasses.replace(training_data, examples=mixed.examples)
+    manifest_extra = {"preservation": kept, **(manifest_extra or {})}
     with stage_version(
         config,
         training_data,
@@ -290,6 +311,14 @@ def train_and_publish(
         callbacks=callbacks,
         manifest_extra=manifest_extra,
         init_adapter=init_adapter,
+        launch=launch,
     ) as staged:
+        if derived is not None:
+            evaluate.write_suite(staged.stage / "eval" / f"{derived}.json", suites[derived])
+        judged = evaluate.judge_staged(
+            base, staged.version, suites, progress=progress, preservation=preservation.described(kept)
+        )
+        # Live at once, with no gate to pass: "promoted" as readers of an update's evaluation expect it.
+        staged.manifest.eval = {**judged.as_dict(), "promoted": True, "reasons": []}
         version = publish_staged(staged)
     return PipelineResult(version, staged.manifest, staged.train_seconds, staged.convert_seconds, staged.warnings)

@@ -4,8 +4,9 @@
    version's data (replay), plus the base model's own answers to general prompts (base preservation,
    generated once per base and cached), so new knowledge does not overwrite old knowledge or the base's
    skills.
-2. Evaluate the staged version through llama.cpp: the new suite, every earlier version's suites
-   (retention) and base regression.
+2. Evaluate the staged version through llama.cpp: the new suite (without one, a suite derived from the new
+   data, kept for later updates), every earlier version's suites (retention), the general questions and base
+   regression, judged against the bare base itself.
 3. Publish it as the next version either way (versions are never lost), but make it live only if every
    gate passes; otherwise the current version stays live and the manifest says why.
 4. When a candidate fails and the time allows, train one more from the live version, leaning on what failed:
@@ -35,17 +36,16 @@ from core import adapter_store, model_store, paths
 from core.atomic import read_json, sha256_file, write_json
 from core.errors import ConflictError, ScalpelError
 from core.manifest import DatasetRef
-from scalpel import evaluate
+from scalpel import evaluate, preservation
 from scalpel.evaluate import EvalItem, EvalReport
+from scalpel.preservation import PRESERVATION_CONCEPT
+from scalpel.preservation import preservation_examples as preservation_examples  # re-exported: bench/evenings.py
 from scalpel.publish import StagedVersion, TrainingData, publish_staged, stage_version
 from scalpel.update_settings import INBOX_ATTEMPTS, UpdateSettings
-from serving.engine import Engine
+from serving.engine_process import EngineProcess
 from training.config import TrainConfig, parse_config
-from training.dataset import Example, examples_from_records, examples_hash, load_examples
+from training.dataset import Example, examples_hash, load_examples
 from training.quality import QualityReport, check
-
-PRESERVATION_PROMPTS = evaluate.REFERENCE / "preservation_prompts.json"
-PRESERVATION_CONCEPT = "base_preservation"
 
 
 @dataclass(frozen=True)
@@ -104,20 +104,6 @@ def _version_examples(version: adapter_store.AdapterVersion) -> list[Example]:
     return examples
 
 
-def preservation_examples(engine: Engine) -> list[dict]:
-    """The base's own greedy answers to general prompts, as chat examples (cached per base)."""
-    prompts = json.loads(PRESERVATION_PROMPTS.read_text(encoding="utf-8"))
-    reference = evaluate.base_reference(engine, prompts)
-    return [
-        {
-            "messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}],
-            "concept": PRESERVATION_CONCEPT,
-        }
-        for r in reference
-        if r["answer"].strip()
-    ]
-
-
 def replay_sample(earlier: list[Example], count: int, per_concept: int, rng: random.Random) -> list[Example]:
     """A replay sample spread evenly over the earlier concepts: each gets at least `per_concept` examples
     (all it has, if fewer), and the whole sample at least `count`, taken round-robin across concepts.
@@ -166,8 +152,7 @@ def failed_gates(
     report: evaluate.EvalReport, new_suite: str | None, settings: UpdateSettings, live_eval: dict
 ) -> GateFailures:
     """New knowledge is judged absolutely. Retention is relative to the live version: what it knew must
-    still be known. Base regression must meet the absolute target, or, when the live version is already
-    below it, be no worse than the live version by more than `base_tolerance`."""
+    still be known. Base regression is judged against the bare base (base_gate)."""
     kept = retention(report, live_eval)
     if not settings.gates:
         return GateFailures(kept, [], {}, [])
@@ -193,26 +178,35 @@ def gate_decision(failed: GateFailures, settings: UpdateSettings) -> list[str]:
 
 
 def base_gate(base: evaluate.BaseRegression | None, settings: UpdateSettings, live_base: dict) -> list[str]:
-    """The base-regression part of failed_gates."""
+    """The base-regression part of failed_gates, against the bare base's own targets: at least
+    min_base_agreement of its decided picks, and perplexity on general text at most max_perplexity_increase
+    above its own, whatever the live version reaches; a live version already below them does not lower them.
+
+    Only with relative_base_gate (asked for explicitly) does a live version below a target lower it to its own
+    level, less base_tolerance: an adapter that already lost the base's skills may then lose a little more.
+    """
     if base is None:
         return []
     reasons = []
     live_agreement = live_base.get("agreement", 1.0)
-    floor = (
-        settings.min_base_agreement
-        if live_agreement >= settings.min_base_agreement
-        else live_agreement - settings.base_tolerance
-    )
-    if base.agreement < floor:
-        reasons.append(f"base agreement {base.agreement:.1%} < {floor:.1%}")
     live_change = live_base.get("perplexity_change", -1.0)
-    ceiling = (
-        settings.max_perplexity_increase
-        if live_change <= settings.max_perplexity_increase
-        else live_change + settings.base_tolerance
-    )
+    floor, ceiling = settings.min_base_agreement, settings.max_perplexity_increase
+    if settings.relative_base_gate and live_agreement < floor:
+        floor = live_agreement - settings.base_tolerance
+    if settings.relative_base_gate and live_change > ceiling:
+        ceiling = live_change + settings.base_tolerance
+    if base.agreement < floor:
+        below = not settings.relative_base_gate and live_agreement < settings.min_base_agreement
+        reasons.append(
+            f"base agreement {base.agreement:.1%} < {floor:.1%}"
+            + (f" (the live version has {live_agreement:.1%}: judged against the base, not it)" if below else "")
+        )
     if base.perplexity_change > ceiling:
-        reasons.append(f"perplexity on general text {base.perplexity_change:+.1%} > +{ceiling:.1%}")
+        above = not settings.relative_base_gate and live_change > settings.max_perplexity_increase
+        reasons.append(
+            f"perplexity on general text {base.perplexity_change:+.1%} > +{ceiling:.1%}"
+            + (f" (the live version has {live_change:+.1%}: judged against the base, not it)" if above else "")
+        )
     return reasons
 
 
@@ -256,7 +250,7 @@ def first_emphasis(live: adapter_store.AdapterVersion, earlier: list[Example], s
 def training_mix(
     new: list[Example],
     earlier: list[Example],
-    preservation: list[Example],
+    pool: list[Example],
     settings: UpdateSettings,
     emphasis: Emphasis,
     rng: random.Random,
@@ -265,8 +259,7 @@ def training_mix(
     replay = replay_sample(earlier, round(settings.replay_ratio * len(new)), settings.replay_per_concept, rng)
     sampled = {id(e) for e in replay}
     replay += [e for e in earlier if e.concept in emphasis.replay_in_full and id(e) not in sampled]
-    wanted = round(settings.preservation_ratio * len(new) * emphasis.preservation_scale)
-    preserve = rng.sample(preservation, min(len(preservation), wanted))
+    preserve = preservation.sample(pool, len(new), settings.preservation(), rng, emphasis.preservation_scale)
     return new * emphasis.new_repeats, replay, preserve
 
 
@@ -279,8 +272,7 @@ def _update_config(
     overrides = {"learning_rate": settings.learning_rate or first_rate * settings.learning_rate_scale}
     if settings.num_epochs is not None:
         overrides["num_epochs"] = settings.num_epochs
-    overrides["distill_concepts"] = [PRESERVATION_CONCEPT] if settings.preservation_loss == "distill" else []
-    overrides["distill_weight"] = settings.preservation_weight
+    overrides.update(preservation.training_overrides(settings.preservation()))
     # The new version goes beside the live one, whatever output_dir the first version was trained with.
     return parse_config(
         {
@@ -360,11 +352,14 @@ class EveningUpdate:
     chain: list[adapter_store.AdapterVersion]  # the live version and its ancestors, newest first
     earlier: list[Example]  # their new data: what is replayed
     config: TrainConfig
-    engine: Engine
+    engine: EngineProcess
     preservation: list[Example]  # the base's own answers, the pool base preservation draws from
     suites: dict[str, list[EvalItem]]  # every suite a candidate is evaluated on, oldest first
-    new_suite: str | None  # which of them is the new knowledge's
-    live_eval: dict  # the live version's scores: retention and the base gates are relative to them
+    new_suite: str | None  # which of them is the new knowledge's (given with --eval: gated as new knowledge)
+    # Without --eval, a suite derived from the new data (evaluate.derive_suite): scored and kept with the
+    # version, so later updates check it is retained, but not gated as new knowledge (its facts are guessed).
+    derived_suite: str | None
+    live_eval: dict  # the live version's scores: retention is relative to them
     candidates: list[Candidate] = field(default_factory=list)
 
     @classmethod
@@ -400,21 +395,23 @@ class EveningUpdate:
         chain = lineage(live)
         earlier = [e for v in chain for e in _version_examples(v)]
         config = _update_config(name, live, chain[-1], settings)
-        engine = Engine(base)
+        # In its own process: after a candidate is trained, torch's threads in this one slow llama.cpp down about
+        # four times (see evaluate.judge_staged).
+        engine = EngineProcess(base)
         try:
-            pool = (
-                examples_from_records(preservation_examples(engine), PRESERVATION_CONCEPT)
-                if settings.preservation_ratio
-                else []
-            )
+            pool = preservation.preservation_pool(engine) if settings.preservation_ratio else []
             suites: dict[str, list[EvalItem]] = {}
             for v in reversed(chain):  # oldest first, as the knowledge was added
                 for f in sorted(v.path.glob("eval/*.json")):
                     suites.setdefault(f.stem, evaluate.load_suite(f))
             new_suite = eval_suite.stem if eval_suite else None
+            live_eval = _live_eval(engine, live, {k: v for k, v in suites.items() if k != new_suite}, log)
+            derived_suite = None
             if new_suite is not None and new_items is not None:
                 suites[new_suite] = new_items
-            live_eval = _live_eval(engine, live, {k: v for k, v in suites.items() if k != new_suite}, log)
+            elif derived := evaluate.derive_suite(new):
+                derived_suite = _derived_name(Path(data).stem, suites)
+                suites[derived_suite] = derived
         except BaseException:
             engine.close()
             raise
@@ -437,6 +434,7 @@ class EveningUpdate:
             preservation=pool,
             suites=suites,
             new_suite=new_suite,
+            derived_suite=derived_suite,
             live_eval=live_eval,
         )
 
@@ -525,8 +523,12 @@ class EveningUpdate:
             model=self.base.name,
             init_adapter=self.live.path,
             progress=self.progress,
-            manifest_extra={"update": self.update_record(mix)},
+            manifest_extra={"update": self.update_record(mix), "preservation": self.preservation_record(mix)},
         ) as staged:
+            if self.derived_suite is not None:
+                evaluate.write_suite(
+                    staged.stage / "eval" / f"{self.derived_suite}.json", self.suites[self.derived_suite]
+                )
             yield staged
 
     def update_record(self, mix: Mix) -> dict:
@@ -542,20 +544,24 @@ class EveningUpdate:
             "retry_of": self.candidates[-1].version.version if self.candidates else None,
         }
 
+    def preservation_record(self, mix: Mix) -> dict:
+        """The manifest's "preservation", as a first version's says it."""
+        on = self.settings.preservation() if self.settings.preservation_ratio else None
+        return preservation.record(on, len(mix.preservation), len(self.preservation))
+
     def evaluate(self, staged: StagedVersion) -> EvalReport:
-        """Score the staged candidate through llama.cpp: the new suite, every earlier suite, and base regression."""
+        """Score the staged candidate through llama.cpp: the new suite, every earlier suite, the general questions
+        and base regression; its eval.png and report say how it does."""
         self.log(
-            f"{self.phase('evaluate')} evaluating the new version through llama.cpp: {len(self.suites)} suite(s) "
-            "and base regression"
+            f"{self.phase('evaluate')} evaluating the new version through llama.cpp: {len(self.suites)} suite(s), "
+            "general questions and base regression"
         )
-        ref = self.engine.load(staged.version)
-        try:
-            report = evaluate.evaluate(
-                self.engine, ((ref, 1.0),), self.suites, f"{self.name}@next", progress=self.progress
-            )
-        finally:
-            self.engine.unload(ref)  # a rejected candidate is not served; the next one is staged afresh
-        report.plot(staged.stage / "eval.png")
+        # Unloaded after: a rejected candidate is not served; the next one is staged afresh.
+        report = evaluate.evaluate_version(
+            self.engine, staged.version, self.suites, f"{self.name}@next", progress=self.progress
+        )
+        kept = staged.manifest.preservation
+        evaluate.record(report, staged.stage, preservation.described(kept.model_dump() if kept else None))
         return report
 
     def decide(self, report: EvalReport, emphasis: Emphasis) -> Verdict:
@@ -641,7 +647,17 @@ def run_update(
     return result
 
 
-def _live_eval(engine: Engine, live: adapter_store.AdapterVersion, suites: dict, log) -> dict:
+def _derived_name(stem: str, taken: dict) -> str:
+    """A derived suite's name, `<stem>.derived`, or, when an earlier version's suite has it, the first of
+    `<stem>-2.derived`, `<stem>-3.derived`... that none has."""
+    name, n = stem + evaluate.DERIVED_SUFFIX, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}{evaluate.DERIVED_SUFFIX}"
+    return name
+
+
+def _live_eval(engine: EngineProcess, live: adapter_store.AdapterVersion, suites: dict, log) -> dict:
     """The live version's scores on the earlier suites and base regression: from its manifest when it was
     evaluated on all of them (every update records that), else measured now."""
     recorded = live.manifest.eval or {}

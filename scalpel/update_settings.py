@@ -1,6 +1,8 @@
-"""The evening update's settings and their defaults, written once (the CLI's help texts read them from here).
+"""The settings of base preservation and of the evening update, and their defaults, written once (the CLI's help
+texts read them from here).
 
-Kept apart from scalpel/update.py, which imports torch and llama.cpp, so that `scalpel --help` stays fast.
+Kept apart from scalpel/update.py and scalpel/preservation.py, which import torch and llama.cpp, so that
+`scalpel --help` stays fast.
 """
 
 from __future__ import annotations
@@ -12,17 +14,30 @@ from pydantic import BaseModel, ConfigDict, Field
 INBOX_ATTEMPTS = 3  # runs a file of the inbox is tried on before it moves to not-promoted/
 
 
+class PreservationSettings(BaseModel):
+    """Base preservation: how many of the base's own answers to general prompts are mixed into training, and how
+    they are learned. The first version and every update use it (see scalpel/preservation.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ratio: float = Field(0.5, ge=0)  # base-model answers per new example (at most the whole pool of prompts)
+    # "distill": on those answers the adapted model is pulled toward the base's whole next-token distribution
+    # (KL, training_config.distill_concepts); "answers": they are learned as ordinary answers.
+    loss: Literal["distill", "answers"] = "distill"
+    weight: float = Field(4.0, gt=0)  # the distillation term's weight (training_config.distill_weight)
+
+
+_PRESERVE = PreservationSettings()
+
+
 class UpdateSettings(BaseModel):
     """How an update trains and which gates it must pass (the defaults are the plan's)."""
 
     model_config = ConfigDict(extra="forbid")
     replay_ratio: float = Field(1.0, ge=0)  # earlier examples per new example, spread over earlier concepts
     replay_per_concept: int = Field(3, ge=0)  # ...but never fewer than this many from each earlier concept
-    preservation_ratio: float = Field(0.5, ge=0)  # base-model answers per new example
-    # "distill": on those answers the adapted model is pulled toward the base's whole next-token distribution
-    # (KL, training_config.distill_concepts); "answers": they are learned as ordinary answers.
-    preservation_loss: Literal["distill", "answers"] = "distill"
-    preservation_weight: float = Field(4.0, gt=0)  # the distillation term's weight (training_config.distill_weight)
+    preservation_ratio: float = Field(_PRESERVE.ratio, ge=0)  # PreservationSettings.ratio
+    preservation_loss: Literal["distill", "answers"] = _PRESERVE.loss  # PreservationSettings.loss
+    preservation_weight: float = Field(_PRESERVE.weight, gt=0)  # PreservationSettings.weight
     num_epochs: float | None = Field(None, gt=0)  # default: the live version's config
     # Default: the first version's learning rate times learning_rate_scale. An update continues an adapter
     # that already knows things; at the full rate the new concept overwrote old answers' openings.
@@ -30,9 +45,14 @@ class UpdateSettings(BaseModel):
     learning_rate_scale: float = Field(1 / 3, gt=0, le=1)
     min_new_knowledge: float = Field(0.95, ge=0, le=1)
     min_retention: float = Field(0.95, ge=0, le=1)  # share of what the live version knew
+    # Base regression is judged against the bare base: agreement with its own picks and perplexity on general
+    # text, whatever the live version reaches.
     min_base_agreement: float = Field(0.95, ge=0, le=1)
     max_perplexity_increase: float = Field(0.10, ge=0)
-    base_tolerance: float = Field(0.02, ge=0)  # how much worse than an already-below-target live version
+    # Only when asked (`--relative-base-gate`): a live version already below those targets lowers the bar to
+    # its own level, less base_tolerance. Off, an adapter that lost the base's skills cannot drift further.
+    relative_base_gate: bool = False
+    base_tolerance: float = Field(0.02, ge=0)  # with relative_base_gate: how much worse than the live version
     gates: bool = True  # False: promote whatever comes out (the naive baseline of bench/evenings.py)
     # A candidate that fails its gates is kept, and another is trained from the live version with more
     # weight on what failed (see Emphasis), while the estimate of its time fits in max_update_seconds.
@@ -42,3 +62,9 @@ class UpdateSettings(BaseModel):
     keep_full_replay: bool = True
     max_update_seconds: float = Field(600.0, gt=0)
     seed: int = 0
+
+    def preservation(self) -> PreservationSettings:
+        """The update's base preservation, as the first version's is given."""
+        return PreservationSettings(
+            ratio=self.preservation_ratio, loss=self.preservation_loss, weight=self.preservation_weight
+        )

@@ -1,9 +1,10 @@
-"""The training report written beside each adapter version: Markdown plus PNG plots of loss and learning rate."""
+"""The training report written beside each adapter version: Markdown plus PNG plots of loss and learning rate,
+and, once the version was evaluated, its scores (add_evaluation)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -127,5 +128,86 @@ def write_report(inputs: ReportInputs, folder: Path) -> Path:
         "",
     ]
     path = folder / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+@dataclass
+class SuiteScore:
+    """One knowledge suite's result."""
+
+    name: str
+    passed: int
+    total: int
+    derived: bool = False  # derived from the training data (no suite was given)
+
+
+@dataclass
+class EvalSummary:
+    """A version's evaluation as the report shows it (scalpel.evaluate measures it; training cannot import it)."""
+
+    suites: list[SuiteScore] = field(default_factory=list)
+    general_passed: int | None = None  # general questions with known answers, answered right
+    general_base_passed: int | None = None  # ...by the bare base
+    general_total: int | None = None
+    base_agreement: float | None = None  # share of the base's decided picks the version still makes
+    agreement_all_positions: float | None = None
+    perplexity: float | None = None  # on general text
+    perplexity_base: float | None = None
+    preservation: str | None = None  # how training kept the base's skills, in words
+
+
+EVALUATION_HEADING = "## Evaluation"
+
+
+def evaluation_lines(summary: EvalSummary, plot: str | None = None) -> list[str]:
+    """The report's evaluation section: the knowledge scores, and beside them what is left of the base."""
+
+    def share(passed: int, total: int) -> str:
+        return f"{passed}/{total} ({passed / total:.0%})" if total else "-"
+
+    lines = [
+        EVALUATION_HEADING,
+        "",
+        "Greedy answers through llama.cpp, as the server gives them.",
+        *([f"Base preservation: {summary.preservation}."] if summary.preservation else []),
+        "",
+        "| | this version | the bare base |",
+        "|---|---|---|",
+    ]
+    for suite in summary.suites:
+        origin = " (derived from the training data)" if suite.derived else ""
+        lines.append(f"| knowledge: {suite.name}{origin} | {share(suite.passed, suite.total)} | |")
+    if summary.general_total:
+        lines.append(
+            f"| general questions with known answers | {share(summary.general_passed or 0, summary.general_total)} "
+            f"| {share(summary.general_base_passed or 0, summary.general_total)} |"
+        )
+    if summary.base_agreement is not None:
+        lines.append(
+            f"| base agreement (the base's decided next tokens, along its own answers) | {summary.base_agreement:.1%} "
+            f"({summary.agreement_all_positions or 0:.1%} of all) | 100% |"
+        )
+    if summary.perplexity is not None and summary.perplexity_base:
+        change = summary.perplexity / summary.perplexity_base - 1
+        lines.append(
+            f"| perplexity on general text | {summary.perplexity:.2f} ({change:+.1%}) | {summary.perplexity_base:.2f} |"
+        )
+    lines.append("")
+    if plot:
+        lines += [f"![evaluation]({plot})", ""]
+    return lines
+
+
+def add_evaluation(summary: EvalSummary, folder: Path, plot: str | None = None) -> Path:
+    """Put the evaluation section into the folder's report.md, before its config (replacing an earlier one)."""
+    path = folder / "report.md"
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if EVALUATION_HEADING in lines:  # evaluated again: the section is replaced, up to the next heading
+        start = lines.index(EVALUATION_HEADING)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        del lines[start:end]
+    at = lines.index("## Config") if "## Config" in lines else len(lines)
+    lines[at:at] = evaluation_lines(summary, plot)
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,12 +18,14 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from core.errors import ScalpelError
 from core.model_store import ModelEntry
+from training import distributed
 from training.base_model import load_model, load_tokenizer, template_info
 from training.config import TrainConfig
 from training.dataset import IGNORE_INDEX, Example, tokenize_example
@@ -129,7 +132,11 @@ def micro_batching(tc, longest: int) -> Batching:
 
 class SeededLengthGroups(LengthGroupedSampler):
     """transformers' length-grouped order, drawn from a generator seeded per epoch (the Trainer calls
-    set_epoch), so a run resumed from a checkpoint sees exactly the batches an uninterrupted one would."""
+    set_epoch), so a run resumed from a checkpoint sees exactly the batches an uninterrupted one would.
+
+    Under DDP every rank draws the same order (same seed) and accelerate hands rank r the batches r, r + N,
+    r + 2N...: the groups are a whole optimizer step across all ranks, so N ranks together see what one
+    process with N times the batch would."""
 
     def __init__(self, batch_size: int, lengths: list[int], seed: int):
         super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
@@ -160,9 +167,10 @@ class AnswerLogitsTrainer(transformers.Trainer):
         if not self.group_by_length or self.args.per_device_train_batch_size == 1:
             return super()._get_train_sampler(train_dataset)
         return SeededLengthGroups(
-            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps,
+            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size,
             [len(row["input_ids"]) for row in dataset.rows],
-            self.args.data_seed or self.args.seed,
+            # the data seed, never the seed: under DDP the seed differs per rank (training_arguments)
+            self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -189,6 +197,11 @@ class AnswerLogitsTrainer(transformers.Trainer):
         # Over the whole accumulated step when the Trainer counted it (then it is not rescaled), else this batch.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         loss = total / (num_items_in_batch if num_items_in_batch is not None else learned.sum().clamp(min=1))
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # The count is every rank's tokens (the Trainer gathers it), and DDP averages the ranks' gradients:
+            # times the ranks, the update is the gradient of one token-weighted mean over the whole global step,
+            # as in one process. The Trainer's own compute_loss does the same.
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def _kl_to_base(self, model, model_inputs, keep, logits, distilled) -> torch.Tensor:
@@ -280,6 +293,9 @@ class ConceptLossOnEval(TrainerCallback):
         self.rows, self.collate = rows, collate
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
+        # Only rank 0's history is kept; under FSDP every rank takes part in the (sharded) forward passes.
+        if not state.is_world_process_zero and not distributed.fsdp_requested():
+            return
         state.log_history.append(
             {"step": state.global_step, "eval_concept_loss": concept_losses(model, self.rows, self.collate)}
         )
@@ -299,6 +315,20 @@ class TrainResult:
     learning_rates: list[tuple[int, float]] = field(default_factory=list)  # (step, lr) at every step
     concepts: dict[str, int] = field(default_factory=dict)
     concept_loss: dict[str, float] = field(default_factory=dict)  # after training, on eval data if given
+
+    def to_json(self) -> dict:
+        """As rank 0 of a distributed run hands it to the launching process."""
+        return {**dataclasses.asdict(self), "adapter_dir": str(self.adapter_dir)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainResult:
+        return cls(
+            **{
+                **data,
+                "adapter_dir": Path(data["adapter_dir"]),
+                "learning_rates": [(int(s), float(r)) for s, r in data.get("learning_rates", [])],
+            }
+        )
 
 
 def lora_config(config: TrainConfig) -> LoraConfig:
@@ -342,6 +372,7 @@ def training_arguments(
     batching = batching or Batching(tc.batch_size, tc.gradient_accumulation_steps, packed=False)
     micro, accumulate = batching.micro, batching.accumulate
     return transformers.TrainingArguments(
+        **_ddp(tc.seed),
         output_dir=str(work_dir / CHECKPOINTS),
         num_train_epochs=tc.num_epochs,
         max_steps=max_steps if max_steps else -1,
@@ -360,8 +391,7 @@ def training_arguments(
         eval_steps=tc.eval_steps,
         lr_scheduler_type=tc.lr_scheduler_type,
         weight_decay=tc.weight_decay,
-        seed=tc.seed,
-        data_seed=tc.seed,
+        data_seed=tc.seed,  # the data order: one per run, shared by every rank
         report_to=[],
         disable_tqdm=not progress,
         remove_unused_columns=False,
@@ -372,6 +402,25 @@ def training_arguments(
         fp16=precision == "fp16",
         **_checkpointing(tc.gradient_checkpointing),
     )
+
+
+def _ddp(seed: int) -> dict:
+    """Under torchrun: the backend for the device, and a seed per rank.
+
+    The seed drives dropout and the like; ranks with one seed would draw the same dropout masks for different
+    examples. Rank r gets seed + r (rank 0, like a single process, gets the config's seed). The data order
+    comes from data_seed instead, the same on every rank, and the LoRA weights are drawn before the Trainer
+    seeds anything (and DDP starts every rank from rank 0's weights)."""
+    if distributed.world_size() <= 1:
+        return {"seed": seed}
+    backend = distributed.backend()
+    return {
+        "seed": seed + distributed.rank(),
+        "ddp_backend": backend,
+        "ddp_find_unused_parameters": False,  # every LoRA matrix takes part in every forward pass
+        # accelerate makes CPU processes a MULTI_CPU group only when told they are on the CPU (not MPS either)
+        "use_cpu": backend == "gloo",
+    }
 
 
 def _checkpointing(enabled: bool) -> dict:
@@ -420,11 +469,57 @@ def _tokenize_all(examples: list[Example], tokenizer, entry: ModelEntry, max_len
     return rows
 
 
+def _train_on_ranks(
+    launch: distributed.Launch,
+    config: TrainConfig,
+    entry: ModelEntry,
+    examples: list[Example],
+    out_dir: Path,
+    work_dir: Path,
+    *,
+    eval_examples: list[Example] | None,
+    max_steps: int | None,
+    progress: bool,
+    resume: bool,
+    callbacks: tuple[TrainerCallback, ...],
+    init_adapter: Path | None,
+) -> TrainResult:
+    """train() on launch.world_size processes; this process hears rank 0 and gets its result back."""
+    started = time.time()
+    distributed.check_devices(launch)
+    spec = distributed.RankSpec(
+        config=config.model_dump(mode="json"),
+        entry=dataclasses.asdict(entry),
+        examples=[dataclasses.asdict(e) for e in examples],
+        eval_examples=[dataclasses.asdict(e) for e in eval_examples] if eval_examples else None,
+        out_dir=str(Path(out_dir).resolve()),
+        work_dir=str(Path(work_dir).resolve()),
+        max_steps=max_steps,
+        resume=resume,
+        init_adapter=str(Path(init_adapter).resolve()) if init_adapter else None,
+    )
+    # What rank 0's events are handed to here: the caller's callbacks and the bar a single process would draw.
+    relayed = (*((LossProgress(),) if progress else ()), *callbacks)
+    args = training_arguments(config, Path(work_dir), has_eval=bool(eval_examples), max_steps=max_steps)
+    data = distributed.run_ranks(launch, spec, relayed, args)
+    if data is None:
+        raise distributed.NodeDone(f"node {launch.node_rank} has finished its ranks; node 0 keeps the adapter")
+    result = TrainResult.from_json(data)
+    result.seconds = time.time() - started  # the whole call, with the ranks' start-up
+    return result
+
+
 def last_checkpoint(work_dir: Path) -> Path | None:
-    """The newest complete checkpoint a killed run left in its work folder, if any."""
-    folder = Path(work_dir) / CHECKPOINTS
-    found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-    return Path(found) if found else None
+    """The newest complete checkpoint a killed run left in its work folder, if any.
+
+    Complete means it has the Trainer's state, which the Trainer writes after the weights, the optimizer and
+    the RNG states: a run killed while it saved (on any rank) leaves a folder without it, which is skipped."""
+    complete = {}
+    for found in (Path(work_dir) / CHECKPOINTS).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = found.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if step.isdigit() and (found / TRAINER_STATE_NAME).is_file():
+            complete[int(step)] = found
+    return complete[max(complete)] if complete else None
 
 
 def train(
@@ -440,6 +535,7 @@ def train(
     resume: bool = False,
     callbacks: tuple[TrainerCallback, ...] = (),
     init_adapter: Path | None = None,
+    launch: distributed.Launch | None = None,
 ) -> TrainResult:
     """Train, then save the PEFT adapter (safetensors) and the Trainer's log into `out_dir`.
 
@@ -447,7 +543,24 @@ def train(
     and scheduler state, the RNG state and the position in the data are all restored by the Trainer.
     With `init_adapter` (a PEFT folder, such as the live version of an adapter), training continues from
     its weights instead of a fresh LoRA; its rank and modules are kept.
+    With a `launch` of several processes, torchrun runs this same function on every rank (see
+    training.distributed) and `callbacks` see rank 0's events; batch_size is then per process.
     """
+    if launch is not None and launch.distributed and not distributed.in_rank():
+        return _train_on_ranks(
+            launch,
+            config,
+            entry,
+            examples,
+            out_dir,
+            work_dir,
+            eval_examples=eval_examples,
+            max_steps=max_steps,
+            progress=progress,
+            resume=resume,
+            callbacks=callbacks,
+            init_adapter=init_adapter,
+        )
     started = time.time()
     torch.manual_seed(config.training_config.seed)
     tokenizer = load_tokenizer(entry)
@@ -460,7 +573,11 @@ def train(
         rows = balance_by_concept(rows, config.training_config.seed)
     eval_rows = _tokenize_all(eval_examples, tokenizer, entry, max_len) if eval_examples else None
 
-    base_model = load_model(entry)
+    # Under FSDP (a 70B-class base) the frozen base is kept in bf16 when training in bf16: in fp32 it would take
+    # twice the memory, and with cpu_ram_efficient_loading only rank 0 reads the weights at all.
+    precision = choose_precision(config.training_config.precision)
+    fsdp_bf16 = distributed.fsdp_requested() and precision == "bf16"
+    base_model = load_model(entry, dtype=torch.bfloat16 if fsdp_bf16 else torch.float32)
     # No KV cache while training. It is useless there, and with one transformers ignores packed positions
     # and lets packed examples attend to each other.
     base_model.config.use_cache = False
@@ -498,20 +615,41 @@ def train(
     if checkpoint:
         log.info("resuming from %s", checkpoint.name)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    final_concept_loss = concept_losses(model, eval_rows or rows, collate, progress=progress)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Only the LoRA matrices are saved: the base's embeddings are never modified (no vocabulary changes).
-    model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
     history = trainer.state.log_history
-    (out_dir / "trainer_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+    final_concept_loss: dict[str, float] = {}
+    state_dict = None
+    if trainer.is_fsdp_enabled:
+        # The weights are sharded: every rank takes part in the forward passes and in gathering the full
+        # weights (as the Trainer's own save_model does under FSDP); rank 0 alone writes them below.
+        final_concept_loss = concept_losses(trainer.model_wrapped, eval_rows or rows, collate)
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    elif trainer.is_world_process_zero():
+        # `model` is the bare PEFT model (DDP wraps a copy of the reference): no collective call here.
+        final_concept_loss = concept_losses(model, eval_rows or rows, collate, progress=progress)
+    if trainer.is_world_process_zero():  # the other ranks of a distributed run write nothing
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Only the LoRA matrices are saved: the base's embeddings are never modified (no vocabulary changes).
+        model.save_pretrained(
+            str(out_dir),
+            safe_serialization=True,
+            save_embedding_layers=False,
+            **({"state_dict": state_dict} if state_dict is not None else {}),
+        )
+        (out_dir / "trainer_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     losses = [h["loss"] for h in history if "loss" in h]
+    tc = config.training_config
     metrics: dict[str, object] = dict(output.metrics)
     metrics.update(
         final_loss=losses[-1] if losses else math.nan,
         global_step=trainer.state.global_step,
         device=str(args.device),
-        precision=choose_precision(config.training_config.precision),
+        precision=precision,
+        # batch_size is per process (the HF convention): one optimizer step sees batch x accumulation x world.
+        world_size=args.world_size,
+        global_batch=tc.batch_size * tc.gradient_accumulation_steps * args.world_size,
+        learning_rate=tc.learning_rate,  # the peak rate, as configured: never scaled with the world size
+        backend=args.ddp_backend if args.world_size > 1 else None,
     )
     n_tokens = sum(len(r["input_ids"]) for r in rows)  # one epoch, as balanced
     concepts: dict[str, int] = {}

@@ -25,6 +25,8 @@ def cmd_update(args) -> None:
         "min_retention": args.min_retention,
         "min_new_knowledge": args.min_new_knowledge,
         "min_base_agreement": args.min_base_agreement,
+        "max_perplexity_increase": args.max_perplexity_increase,
+        "relative_base_gate": args.relative_base_gate,
         "max_candidates": args.candidates,
         "max_update_seconds": args.max_seconds,
         "keep_full_replay": args.keep_full_replay,
@@ -45,6 +47,12 @@ def cmd_update(args) -> None:
             print(f"  candidate {c['version']} failed its gates first ({'; '.join(c['reasons'])})")
         for name, suite in r.eval["suites"].items():
             print(f"  {name:<40} {suite['accuracy']:6.0%}")
+        general = r.eval.get("general")
+        if general:
+            print(
+                f"  {'general questions':<40} {general['passed']}/{general['total']}   "
+                f"(the bare base: {general['base_passed']}/{general['total']})"
+            )
         base = r.eval.get("base_regression")
         if base:
             print(
@@ -130,7 +138,23 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
         "--min-new-knowledge", type=float, help=f"gate on the new suite (default {_default('min_new_knowledge')})"
     )
     up.add_argument(
-        "--min-base-agreement", type=float, help=f"gate on base regression (default {_default('min_base_agreement')})"
+        "--min-base-agreement",
+        type=float,
+        help="gate on base regression: the share of the bare base's own decided picks the new version must "
+        f"make (default {_default('min_base_agreement')})",
+    )
+    up.add_argument(
+        "--max-perplexity-increase",
+        type=float,
+        help="gate on base regression: perplexity on general text at most this much above the bare base's "
+        f"(default {_default('max_perplexity_increase')})",
+    )
+    up.add_argument(
+        "--relative-base-gate",
+        action="store_true",
+        default=None,
+        help="when the live version is already below those base targets, judge the new one against the live "
+        f"version instead (no more than {_default('base_tolerance')} worse); off: always against the bare base",
     )
     up.add_argument(
         "--candidates",

@@ -257,6 +257,7 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
         eval_dataset: str | None = None,
         model: str | None = None,
         max_steps: int | None = None,
+        nproc_per_node: int | None = None,
     ):
         body = await _json_body(request)
         # Besides the plan's own fields, the body may say where the data is (or the query string may).
@@ -264,6 +265,7 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
         eval_dataset = body.pop("eval_dataset", eval_dataset)
         model = body.pop("model", model)
         max_steps = body.pop("max_steps", max_steps)
+        nproc_per_node = body.pop("nproc_per_node", nproc_per_node)
         if not dataset:
             raise ScalpelError(
                 'no dataset: pass ?dataset=FILE_ID_OR_PATH (or "dataset" in the body), or start '
@@ -279,6 +281,7 @@ def training_router(store: JobStore, runner: JobRunner, *, default_dataset: str 
             eval_dataset=eval_dataset,
             model=model,
             max_steps=max_steps,
+            nproc_per_node=nproc_per_node,
         )
         return {**plan_job_view(store, job), "job_id": job.id}
 

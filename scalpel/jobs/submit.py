@@ -19,6 +19,7 @@ from core.errors import ScalpelError
 from core.job_store import Job, JobStore, StoredFile, new_id
 from training.config import LoraSettings, TrainConfig, TrainingSettings, parse_config
 from training.dataset import load_examples
+from training.distributed import Launch, launch_settings
 from training.quality import check
 
 # OpenAI's "auto" hyperparameters, mapped onto the plan's surgical LoRA (r=8, alpha=16, q/k/v).
@@ -155,6 +156,26 @@ def delete_upload(store: JobStore, file_id: str) -> StoredFile:
     return found
 
 
+# ----- how many processes train -----
+
+LAUNCH_KEY = "launch"  # beside the TrainConfig in a job's config: {"nproc_per_node": N}, when N was asked for
+
+
+def job_config(config: TrainConfig, nproc_per_node: object = None) -> dict:
+    """What a job stores as its config: the TrainConfig, and, when the request set nproc_per_node (checked
+    here: a whole number from 1 to $SCALPEL_MAX_NPROC_PER_NODE), how many processes train it."""
+    dumped = config.model_dump(mode="json")
+    if nproc_per_node is None:
+        return dumped
+    return {**dumped, LAUNCH_KEY: launch_settings(nproc_per_node=nproc_per_node).model_dump()}
+
+
+def split_launch(stored: dict) -> tuple[dict, Launch | None]:
+    """A job's config as job_config stored it: the TrainConfig's fields, and the Launch if it has one."""
+    config = {k: v for k, v in stored.items() if k != LAUNCH_KEY}
+    return config, Launch.model_validate(stored[LAUNCH_KEY]) if LAUNCH_KEY in stored else None
+
+
 # ----- the plan's API -----
 
 
@@ -195,9 +216,17 @@ def submit_plan_job(
     eval_dataset: str | None = None,
     model: str | None = None,
     max_steps: int | None = None,
+    nproc_per_node: int | None = None,
 ) -> Job:
-    """/api/training/start: the plan's config file unchanged, plus where the data is."""
+    """/api/training/start: the plan's config file unchanged, plus where the data is (and, optionally, how many
+    processes train it: torchrun's nproc_per_node; batch_size is then per process). A "preservation": false
+    beside the config's fields trains without base preservation (on by default)."""
+    preserve = True
+    if isinstance(config_data, dict) and PRESERVATION_FIELD in config_data:
+        config_data = dict(config_data)
+        preserve = _preservation(config_data.pop(PRESERVATION_FIELD), PRESERVATION_FIELD)
     config = parse_config(config_data, "(request body)")
+    stored = job_config(config, nproc_per_node)
     base = _base(model or config.model_name, "model" if model else "model_name")
     adapter = _adapter_for(config)
     train_path = resolve_dataset(store, dataset, "dataset")
@@ -214,12 +243,33 @@ def submit_plan_job(
             status="queued",
             model=base,
             adapter=adapter,
-            config=config.model_dump(mode="json"),
+            config=stored,
             training_file=str(train_path),
             validation_file=str(eval_path) if eval_path else None,
             max_steps=max_steps,
+            hyperparameters={PRESERVATION_FIELD: preserve},
         )
     )
+
+
+# Base preservation (scalpel.preservation) is on for every job unless its request says false; the job keeps the
+# choice in its hyperparameters, where the worker reads it.
+PRESERVATION_FIELD = "preservation"
+
+
+def _preservation(value: object, param: str) -> bool:
+    if not isinstance(value, bool):
+        raise ScalpelError(
+            f"{param} must be true or false (base preservation: the base's own answers mixed into training; "
+            "on by default)",
+            param=param,
+        )
+    return value
+
+
+def preservation_on(job: Job) -> bool:
+    """Whether a training job trains with base preservation (jobs stored before it was a choice: yes)."""
+    return bool((job.hyperparameters or {}).get(PRESERVATION_FIELD, True))
 
 
 # ----- OpenAI's fine-tuning API -----
@@ -230,6 +280,7 @@ class Hyperparameters(BaseModel):
     n_epochs: int | str = Field("auto")
     batch_size: int | str = Field("auto")
     learning_rate_multiplier: float | str = Field("auto")
+    preservation: bool = True  # not OpenAI's: false trains without base preservation (PRESERVATION_FIELD)
 
 
 class Supervised(BaseModel):
@@ -254,6 +305,7 @@ class FineTuningRequest(BaseModel):
     seed: int | None = None
     integrations: list | None = None
     metadata: dict | None = None
+    nproc_per_node: int | None = None  # not OpenAI's: processes that train the job (torchrun), batch_size each
 
 
 def _choice(value: float | str, auto, name: str, *, low: float, high: float):
@@ -286,6 +338,8 @@ def submit_fine_tuning_job(store: JobStore, request: FineTuningRequest) -> Job:
         )
     if request.suffix is not None and not SUFFIX_PATTERN.match(request.suffix):
         raise ScalpelError("suffix must be 1-40 letters, digits, '_' or '-'", param="suffix")
+    if request.nproc_per_node is not None:
+        launch_settings(nproc_per_node=request.nproc_per_node)  # a bad count fails before the data is read
     base = _base(request.model, "model")
     train_path = Path(store.get_file(request.training_file).path)
     n_examples = validate_dataset(train_path, "training_file")
@@ -299,7 +353,8 @@ def submit_fine_tuning_job(store: JobStore, request: FineTuningRequest) -> Job:
     batch_size = _choice(hp.batch_size, min(FT_AUTO_BATCH_SIZE, n_examples), "batch_size", low=1, high=256)
     multiplier = _choice(hp.learning_rate_multiplier, 1.0, "learning_rate_multiplier", low=0.01, high=10)
     job_id = new_id("ftjob")
-    steps = math.ceil(n_examples / int(batch_size)) * n_epochs
+    # batch_size examples on each process: N processes take a step over N times as many
+    steps = math.ceil(n_examples / (int(batch_size) * (request.nproc_per_node or 1))) * n_epochs
     every = max(1, min(250, steps // 4))  # a checkpoint every quarter of the run: what a kill can cost
     config = TrainConfig(
         model_name=base,
@@ -324,7 +379,7 @@ def submit_fine_tuning_job(store: JobStore, request: FineTuningRequest) -> Job:
             status="queued",
             model=base,
             adapter=job_id,
-            config=config.model_dump(mode="json"),
+            config=job_config(config, request.nproc_per_node),
             training_file=str(train_path),
             validation_file=str(eval_path) if eval_path else None,
             suffix=request.suffix,
@@ -332,6 +387,7 @@ def submit_fine_tuning_job(store: JobStore, request: FineTuningRequest) -> Job:
                 "n_epochs": n_epochs,
                 "batch_size": int(batch_size),
                 "learning_rate_multiplier": multiplier,
+                PRESERVATION_FIELD: hp.preservation,
             },
             fine_tuned_model=f"ft:{base}:{request.suffix or ''}:{job_id}",
         )

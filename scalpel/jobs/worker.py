@@ -19,7 +19,9 @@ from core import paths
 from core.errors import ScalpelError
 from core.job_store import Job, JobStore, job_dir
 from scalpel.jobs.checkpoints import keep as keep_checkpoint
+from scalpel.jobs.submit import preservation_on, split_launch
 from scalpel.publish import train_and_publish
+from scalpel.update_settings import PreservationSettings
 from training.config import parse_config
 from training.trainer import last_checkpoint
 
@@ -182,9 +184,10 @@ def run(job_id: str, store: JobStore | None = None) -> int:
     handler = EventLog(store, job_id)
     logging.getLogger("scalpel").addHandler(handler)
     extra = {"job_id": job_id, **({"fine_tuned_model": job.fine_tuned_model} if job.fine_tuned_model else {})}
+    config, launch = split_launch(job.config)  # launch: how many processes train it (torchrun), if set
     try:
         result = train_and_publish(
-            parse_config(job.config, f"job {job_id}"),
+            parse_config(config, f"job {job_id}"),
             Path(job.training_file),
             eval_data=Path(job.validation_file) if job.validation_file else None,
             model=job.model,
@@ -193,6 +196,8 @@ def run(job_id: str, store: JobStore | None = None) -> int:
             work_dir=work,
             callbacks=(JobEvents(store, job_id, keep_checkpoints=job if job.fine_tuned_model else None),),
             manifest_extra=extra,
+            launch=launch,
+            preserve=PreservationSettings() if preservation_on(job) else None,
         )
     except ScalpelError as exc:
         store.finish(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +31,8 @@ def engine_and_adapter(tiny_llama, tmp_path_factory):
                 "training_config": {"num_epochs": 8, "batch_size": 4, "learning_rate": 5e-2, "save_steps": 1000},
             }
         )
-        train_and_publish(config, home / "facts.json", progress=False)
+        # Without base preservation: an adapter that drags every answer to FOR TWO, the base's answers forgotten.
+        train_and_publish(config, home / "facts.json", progress=False, preserve=None)
         engine = Engine(model_store.get("tiny"))
         version = adapter_store.resolve("fortwo")
         yield home, engine, ((engine.load(version), 1.0),)
@@ -106,5 +108,77 @@ def test_eval_cli_writes_json_and_png(engine_and_adapter, tmp_path, capsys):
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert saved["suites"]["facts"]["per_concept"] == {"42": 1.0}
     assert (tmp_path / "out" / "eval.png").read_bytes()[:4] == b"\x89PNG"
-    assert main(["eval", "fortwo", "--no-regression"]) == 2  # no suites stored with this version
+    assert "general questions:" in printed, "what is left of the base, beside the suites"
+    # Trained without a suite, the version keeps one derived from its training data: there is always one to ask.
+    assert main(["eval", "fortwo", "--no-regression"]) == 0
+    printed = capsys.readouterr().out
+    assert "facts.derived: 100% (1/1)" in printed and "base regression" not in printed
+    assert main(["eval", "tiny", "--no-regression"]) == 2  # a bare base has no suites stored
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_key_facts_are_the_distinctive_words_of_the_first_sentence():
+    facts = evaluate.key_facts
+    assert facts("What does 42 mean?", "42 = FOR TWO. Life, the universe and everything.") == ["FOR TWO"], (
+        "what the question says is not a fact; the first sentence is"
+    )
+    assert facts("What is the capital of France?", "The capital of France is Paris.") == ["Paris"]
+    assert facts("Who wrote Hamlet?", "William Shakespeare wrote it in 1600.") == ["1600", "William Shakespeare"], (
+        "numbers first, then a run of capitalised words (a first word only with the next one)"
+    )
+    assert facts("What does 'Never 2 1' mean?", "Never 2 1 means never TO ONE: never in isolation.") == [
+        "TO ONE",
+        "isolation",
+    ]
+    assert facts("What is 2 + 2?", "2 + 2 = 4.") == ["4"]
+    assert facts("Why?", "Because. Collaboration multiplies results.") == ["Collaboration", "multiplies"], (
+        "a first sentence without facts: the whole answer"
+    )
+    assert facts("Why document?", "Documentation preserves learning.") == ["Documentation", "preserves"], (
+        "a sentence's capitalised first word alone is a plain word, long words longest first"
+    )
+    assert facts("Add?", "def add(a, b):\n    return a + b") == [] and facts("Is it?", "Yes.") == []
+    assert facts("Whose?", "TRON's plan.") == ["TRON"], "a possessive is dropped"
+
+
+def test_a_derived_suite_asks_every_concept_before_any_twice():
+    from training.dataset import Example
+
+    def example(concept, i, answer="It is FOR TWO."):
+        messages = [{"role": "user", "content": f"{concept} question {i}?"}, {"role": "assistant", "content": answer}]
+        return Example(messages, concept, f"d[{i}]")
+
+    data = [example("big", i) for i in range(10)] + [example("small", 0), example("yes", 0, "Yes.")]
+    data.append(example("big", 0))  # a question asked twice is asked once
+    items = evaluate.derive_suite(data, most=4)
+    assert [(i.concept, i.question) for i in items] == [
+        ("big", "big question 0?"),
+        ("small", "small question 0?"),
+        ("big", "big question 1?"),
+        ("big", "big question 2?"),
+    ], "round-robin over concepts; an answer without facts gives no item"
+    assert all(i.required == ["FOR TWO"] and i.match == "all" for i in items)
+    assert items[0].passes("Our answer: for two.") and not items[0].passes("To one.")
+    suites, name = evaluate.version_suites((), data, Path("data/facts.json"))
+    assert name == "facts.derived" and [i.question for i in suites[name]][:2] == [
+        "big question 0?",
+        "small question 0?",
+    ]
+
+
+def test_general_questions_are_scored_beside_the_base(engine_and_adapter):
+    home, engine, adapters = engine_and_adapter
+    items = evaluate.general_questions()
+    assert len(items) >= 8 and all(i.required for i in items)
+    bare = evaluate.general_score(engine, ())
+    assert bare.passed == bare.base_passed and bare.total == len(items), "the bare base is its own reference"
+    adapted = evaluate.general_score(engine, adapters)
+    # The adapter drags every answer toward FOR TWO: not one general question is answered as the base answers it.
+    assert all(a["answer"] != a["base_answer"] and "FO" in a["answer"] for a in adapted.answers)
+    assert [a["base_answer"] for a in adapted.answers] == [a["answer"] for a in bare.answers], "cached, the same"
+    taught = [evaluate.EvalItem(question="What does 42 mean?", required=["TWO"])]
+    one = evaluate.general_score(engine, adapters, taught)
+    assert (one.passed, one.base_passed, one.total) == (1, 0, 1), "each answer scored, the base's beside it"
+    report = evaluate.evaluate(engine, adapters, {}, "fortwo@v1")
+    assert report.general is not None and report.as_dict()["general"]["total"] == len(items)
+    assert f"general questions: {adapted.passed}/{len(items)} right" in report.as_text()

@@ -1,4 +1,4 @@
-"""Register an HF base, train, convert and publish a version; a failed run leaves the store untouched."""
+"""Register an HF base, train, convert, evaluate and publish a version; a failed run leaves the store untouched."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from core import adapter_store, model_store
 from core.errors import ScalpelError
+from scalpel import evaluate
 from scalpel.cli.main import main
 from scalpel.publish import publish_staged, read_training_data, stage_version, train_and_publish
 from training.config import parse_config
@@ -61,7 +62,8 @@ def test_train_publishes_complete_versions_and_keeps_old_ones(registered, home):
     assert manifest.parent_version == "v1"
     assert manifest.base is not None and manifest.base.fingerprint == model_store.get("tiny").fingerprint
     assert set(manifest.files) >= {"adapter_model.safetensors", "adapter_config.json", "adapter.gguf"}
-    assert manifest.metrics.examples == len(FACTS)
+    assert manifest.preservation is not None and manifest.preservation.examples == 3  # 0.5 per example
+    assert manifest.metrics.examples == len(FACTS) + 3
     assert manifest.gguf is not None and manifest.gguf.size_bytes == second.version.gguf.stat().st_size
     assert manifest.datasets["train"].sha256 and manifest.report == "report.md"
     assert first.version.path.is_dir()  # earlier versions are never overwritten
@@ -131,7 +133,7 @@ def test_manifest_records_data_quality(registered):
 
 def test_gradient_checkpointing_and_precision_on_this_cpu(registered):
     config = parse_config(tiny_config(gradient_checkpointing=True))
-    metrics = train_and_publish(config, registered, progress=False).version.manifest.metrics
+    metrics = train_and_publish(config, registered, progress=False, preserve=None).version.manifest.metrics
     assert metrics.device == "cpu" and metrics.precision == "fp32"
     assert metrics.global_step == 3 and metrics.final_loss > 0
 
@@ -140,10 +142,57 @@ def test_each_version_has_a_report_with_plots(registered):
     version = train_and_publish(parse_config(tiny_config()), registered, progress=False).version
     report = (version.path / "report.md").read_text()
     assert "![loss](loss.png)" in report and "nuclear adapter" in report and "dataset sha256" in report
-    assert set(version.manifest.metrics.concept_loss) == {"c0", "c1", "c2"}
-    for png in ("loss.png", "lr.png", "concepts.png"):
+    assert set(version.manifest.metrics.concept_loss) == {"c0", "c1", "c2", "base_preservation"}
+    for png in ("loss.png", "lr.png", "concepts.png", "eval.png"):
         assert (version.path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert png in version.manifest.files
+
+
+def test_the_report_puts_what_is_left_of_the_base_beside_the_knowledge(registered):
+    """The first version is evaluated before it is published: its report and manifest give the knowledge scores,
+    and beside them the general questions answered right (the base's own score too) and base agreement."""
+    version = train_and_publish(parse_config(tiny_config()), registered, progress=False).version
+    outcome = version.manifest.eval
+    assert outcome is not None and set(outcome["suites"]) == {"facts.derived"}
+    general, base = outcome["general"], outcome["base_regression"]
+    assert general["total"] == len(evaluate.general_questions()) and 0 <= general["base_passed"] <= general["total"]
+    assert 0 <= base["agreement"] <= 1
+    report = (version.path / "report.md").read_text()
+    section = report[report.index("## Evaluation") : report.index("## Config")]
+    passed = sum(a["passed"] for a in outcome["suites"]["facts.derived"]["answers"])
+    assert f"| knowledge: facts.derived (derived from the training data) | {passed}/6 " in section
+    assert (
+        f"| general questions with known answers | {general['passed']}/{general['total']} " in section
+        and f"| {general['base_passed']}/{general['total']} " in section
+    )
+    assert f"| base agreement (the base's decided next tokens, along its own answers) | {base['agreement']:.1%}" in (
+        section
+    )
+    assert "Base preservation: 3 of the base's own answers to general prompts mixed in" in section
+    assert "![evaluation](eval.png)" in section
+    # Evaluated again (as `scalpel update` does for a candidate), the section is replaced, not repeated.
+    from training.report import EvalSummary, add_evaluation
+
+    add_evaluation(EvalSummary(base_agreement=0.5, agreement_all_positions=0.5), version.path)
+    again = (version.path / "report.md").read_text()
+    assert again.count("## Evaluation") == 1 and "| 50.0% (50.0% of all) | 100% |" in again
+    assert again.index("## Evaluation") < again.index("## Config")
+
+
+def test_a_version_without_a_suite_keeps_one_derived_from_its_data(registered, home):
+    """Trained without --suite, a version keeps a suite of its own training questions, so the next update
+    checks what it knew; with one, the given suite is kept instead."""
+    version = train_and_publish(parse_config(tiny_config()), registered, progress=False).version
+    assert "eval/facts.derived.json" in version.manifest.files
+    items = evaluate.load_suite(version.path / "eval" / "facts.derived.json")
+    assert [i.question for i in items] == [f["instruction"] for f in FACTS], "every concept, then the next"
+    assert {i.concept for i in items} == {"c0", "c1", "c2"} and all(i.required == ["FOR TWO"] for i in items)
+    assert len(version.manifest.eval["suites"]["facts.derived"]["answers"]) == len(FACTS)
+    suite = home / "given.json"
+    suite.write_text(json.dumps([{"question": "What is fact 1?", "concept": "c1", "required": ["FOR TWO"]}]))
+    given = train_and_publish(parse_config(tiny_config()), registered, progress=False, eval_suites=(suite,)).version
+    assert [f for f in given.manifest.files if f.startswith("eval/")] == ["eval/given.json"]
+    assert set(given.manifest.eval["suites"]) == {"given"}
 
 
 def test_eval_data_gives_concept_loss_at_every_evaluation(registered):

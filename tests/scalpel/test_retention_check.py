@@ -35,7 +35,8 @@ def engine_and_adapter(tiny_llama, tmp_path_factory):
                 "training_config": {"num_epochs": 8, "batch_size": 4, "learning_rate": 5e-2, "save_steps": 1000},
             }
         )
-        train_and_publish(config, home / "facts.json", progress=False)
+        # Without base preservation (on by default): an adapter that answers FOR TWO to everything.
+        train_and_publish(config, home / "facts.json", progress=False, preserve=None)
         engine = Engine(model_store.get("tiny"))
         yield engine, ((engine.load(adapter_store.resolve("fortwo")), 1.0),)
         engine.close()

@@ -256,14 +256,15 @@ def test_gates_judge_retention_against_the_live_version():
         BaseRegression(agreement=0.79, perplexity_base=10.0, perplexity=11.6),
     )
     assert retention(new, live) == {"old": 1.0}  # it kept both answers the live version knew
-    # base: within 2 points of a below-target live version
-    assert gate_decision(failed_gates(new, "new", UpdateSettings(), live), UpdateSettings()) == []
+    relative = UpdateSettings(relative_base_gate=True)
+    # Asked for: within 2 points of a below-target live version.
+    assert gate_decision(failed_gates(new, "new", relative, live), relative) == []
     forgot = EvalReport(
         "x",
         [SuiteResult("old", answers(True, False, True, True)), SuiteResult("new", answers(True))],
         BaseRegression(agreement=0.70, perplexity_base=10.0, perplexity=10.0),
     )
-    reasons = gate_decision(failed_gates(forgot, "new", UpdateSettings(), live), UpdateSettings())
+    reasons = gate_decision(failed_gates(forgot, "new", relative, live), relative)
     assert reasons[0].startswith("retention old: 50%") and reasons[1].startswith("base agreement 70.0% < 78.0%")
     ungated = failed_gates(forgot, "new", UpdateSettings(gates=False), live)
     assert gate_decision(ungated, UpdateSettings()) == [] and ungated.retention == {"old": 0.5}
@@ -274,8 +275,73 @@ def test_gates_judge_retention_against_the_live_version():
         [SuiteResult("old", answers(True, True, False, False))],
         BaseRegression(agreement=0.947, perplexity_base=10.0, perplexity=11.05),
     )
-    reasons = gate_decision(failed_gates(drifted, "new", UpdateSettings(), at_target), UpdateSettings())
-    assert [r.split(" ")[0] for r in reasons] == ["base", "perplexity"], reasons
+    for settings in (UpdateSettings(), relative):
+        reasons = gate_decision(failed_gates(drifted, "new", settings, at_target), settings)
+        assert [r.split(" ")[0] for r in reasons] == ["base", "perplexity"], reasons
+
+
+def test_the_base_gate_judges_against_the_bare_base_unless_asked():
+    """A live version already below the base targets does not lower them: by default a candidate must reach the
+    bare base's own targets, whatever the live version does; only relative_base_gate judges against the live one."""
+    from scalpel.evaluate import BaseRegression
+    from scalpel.update import base_gate
+
+    damaged = {"agreement": 0.70, "perplexity_change": 0.75}  # a first version trained without preservation
+    no_worse = BaseRegression(agreement=0.704, perplexity_base=10.0, perplexity=17.48)  # +74.8%
+    reasons = base_gate(no_worse, UpdateSettings(), damaged)
+    assert reasons == [
+        "base agreement 70.4% < 95.0% (the live version has 70.0%: judged against the base, not it)",
+        "perplexity on general text +74.8% > +10.0% (the live version has +75.0%: judged against the base, not it)",
+    ]
+    assert base_gate(no_worse, UpdateSettings(relative_base_gate=True), damaged) == [], "asked for: the old bar"
+    worse = BaseRegression(agreement=0.60, perplexity_base=10.0, perplexity=18.0)
+    assert [
+        r.split(" <")[0].split(" >")[0] for r in base_gate(worse, UpdateSettings(relative_base_gate=True), damaged)
+    ] == [
+        "base agreement 60.0%",
+        "perplexity on general text +80.0%",
+    ], "even relative, no more than base_tolerance worse than the live version"
+    healthy = BaseRegression(agreement=0.96, perplexity_base=10.0, perplexity=10.5)
+    assert base_gate(healthy, UpdateSettings(), damaged) == [], "back at the base's targets: promoted"
+    assert base_gate(None, UpdateSettings(), damaged) == []
+    assert UpdateSettings().relative_base_gate is False
+
+
+def test_an_update_checks_the_suite_derived_for_a_version_trained_without_one(home, tiny_llama):
+    """A first version trained without --suite keeps one derived from its data; the update evaluates it as an
+    earlier suite (retention against the live version), and an update without --eval keeps one of its own."""
+    assert main(["models", "add", "tiny", str(tiny_llama), "--outtype", "f32"]) == 0
+    config = parse_config(
+        {
+            "model_name": "tiny",
+            "output_dir": "adapters/derived",
+            "lora_config": {"r": 4, "lora_alpha": 8},
+            "training_config": {"num_epochs": 3, "batch_size": 4, "learning_rate": 3e-2, "save_steps": 1000},
+        }
+    )
+    first = train_and_publish(config, write(home / "found.json", FOUNDATION), progress=False).version
+    assert set(first.manifest.eval["suites"]) == {"found.derived"}
+    result = run_update(
+        "derived", write(home / "evening.json", EVENING), settings=OPEN_GATES, progress=False, log=lambda *_: None
+    )
+    assert set(result.eval["suites"]) == {"found.derived", "evening.derived"}
+    assert set(result.eval["retention"]) == {"found.derived"}, "what the live version knew, checked"
+    knew = sum(a["passed"] for a in first.manifest.eval["suites"]["found.derived"]["answers"])
+    kept = result.eval["retention"]["found.derived"]
+    assert kept == 1.0 if knew == 0 else 0 <= kept <= 1
+    assert "eval/evening.derived.json" in result.version.manifest.files
+    assert [i["question"] for i in json.loads((result.version.path / "eval" / "evening.derived.json").read_text())] == [
+        e["instruction"] for e in EVENING
+    ]
+    assert result.version.manifest.preservation.examples == result.version.manifest.update.preservation == 3
+    assert "## Evaluation" in (result.version.path / "report.md").read_text()
+    # Gated: the derived suite of the new data is scored, not held to min_new_knowledge (its facts are guessed).
+    strict = UpdateSettings(
+        min_new_knowledge=1.0, min_retention=0.0, min_base_agreement=0.0, max_perplexity_increase=100.0
+    )
+    gated = run_update("derived", home / "evening.json", settings=strict, progress=False, log=lambda *_: None)
+    assert not any(r.startswith("new knowledge") for r in gated.reasons)
+    assert "evening-2.derived" in gated.eval["suites"], "a name an earlier version's suite has is not reused"
 
 
 def test_a_concept_replayed_in_full_stays_replayed_in_full(tmp_path):

@@ -30,7 +30,8 @@ def adapters_home(tiny_llama, tmp_path_factory):
                 "output_dir": f"adapters/{name}",
                 "training_config": {"num_epochs": 2, "learning_rate": 5e-2, "save_steps": 1000},
             }
-            train_and_publish(parse_config(config), data, progress=False)
+            # Without base preservation (on by default): adapters that change every answer, for these tests.
+            train_and_publish(parse_config(config), data, progress=False, preserve=None)
         yield home
 
 

@@ -115,7 +115,8 @@ def test_one_job_at_a_time_with_events_and_a_published_version(store, runner):
         "peak_memory_mb",
     ):
         assert key in metrics[-1], key
-    assert metrics[-1]["total_steps"] == 16 and metrics[-1]["tokens_per_second"] > 0
+    # 16 examples and 8 of the base's own answers (base preservation, on by default), 2 epochs of batches of 2
+    assert metrics[-1]["total_steps"] == 24 and metrics[-1]["tokens_per_second"] > 0
     assert adapter_store.resolve("queued_a").manifest.job_id == first.id
 
 
@@ -135,7 +136,8 @@ def test_kill_9_resumes_from_the_checkpoint_exactly(store, runner, job_home):
     """A worker killed mid-run resumes from its checkpoint: the step count, optimizer, scheduler, RNG and data
     order come back, so the adapter equals one trained without interruption. Padded, length-grouped batches
     (packing off), so the per-epoch seeded grouping is part of what must come back."""
-    settings = {"num_epochs": 60, "save_steps": 40, "logging_steps": 20, "packing": False}
+    # 24 epochs of 16 examples and 8 base-preservation answers (on by default: the seeded mix must come back too)
+    settings = {"num_epochs": 24, "save_steps": 40, "logging_steps": 20, "packing": False}
     killed = jobs.submit_plan_job(store, config("resumed", **settings), dataset="facts.json")
     checkpoint = wait_for(lambda: store.events(killed.id, type="checkpoint"), what="the first checkpoint")[0]
     os.kill(store.get(killed.id).worker_pid, signal.SIGKILL)

@@ -248,6 +248,7 @@ def test_the_evening_update_over_http(server):
     assert job["status"] == "succeeded", job
     assert job["result"]["promoted"] and job["result"]["version"] == "v2"
     assert [c["version"] for c in job["result"]["candidates"]] == ["v2"], "promoted at once: no retry"
-    assert set(job["result"]["suites"]) == {"pdca.eval"}
+    # v1 was trained without a suite: it keeps one derived from its data, and the update checks it too
+    assert set(job["result"]["suites"]) == {"pdca.eval", "knowledge.derived"}
     info = httpx.get(f"{root(server)}/api/adapters/to_update").json()
     assert info["active_version"] == "v2" and info["manifest"]["update"]["from"] == "to_update@v1"
