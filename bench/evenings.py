@@ -121,13 +121,11 @@ def _foundation(
     preservation_loss: str = "distill",
     preservation_weight: float = 4.0,
 ) -> dict:
-    """The foundation adapter (with base-preservation examples, as every update has), evaluated as evening 0."""
-    import random
-
+    """The foundation adapter (with base-preservation examples, as every first version has), evaluated as evening 0."""
     from core import model_store
     from scalpel import evaluate
     from scalpel.publish import train_and_publish
-    from scalpel.update import PRESERVATION_CONCEPT, preservation_examples
+    from scalpel.update_settings import PreservationSettings
     from serving.engine import Engine
     from training.config import load_config
 
@@ -138,24 +136,20 @@ def _foundation(
     overrides: dict[str, object] = {
         k: v for k, v in (("num_epochs", epochs), ("learning_rate", learning_rate)) if v is not None
     }
-    if preservation_loss == "distill":
-        overrides.update(distill_concepts=[PRESERVATION_CONCEPT], distill_weight=preservation_weight)
     config = config.model_copy(update={"training_config": config.training_config.model_copy(update=overrides)})
     foundation, suite_file = knowledge.foundation, knowledge.suite(knowledge.foundation)
-    records = json.loads(foundation.read_text(encoding="utf-8"))
+    # train_and_publish mixes the base's own answers in (0.5 per example) and sets the distillation, as
+    # `scalpel train` does for every first version.
+    result = train_and_publish(
+        config,
+        foundation,
+        model=base.name,
+        progress=False,
+        eval_suites=(suite_file,),
+        preserve=PreservationSettings(loss=preservation_loss, weight=preservation_weight),
+    )
     engine = Engine(base)
     try:
-        preserve = random.Random(0).sample(preservation_examples(engine), len(records) // 2)
-        mixed = home / "foundation_mixed.json"
-        mixed.write_text(json.dumps(records + preserve, ensure_ascii=False), encoding="utf-8")
-        result = train_and_publish(
-            config,
-            mixed,
-            model=base.name,
-            progress=False,
-            keep_files={"data/train.json": foundation},
-            eval_suites=(suite_file,),
-        )
         suite = {suite_file.stem: evaluate.load_suite(suite_file)}
         report = evaluate.evaluate(engine, ((engine.load(result.version), 1.0),), suite, result.version.ref)
     finally:

@@ -586,7 +586,8 @@ def evaluate(
     """Every suite, then the general questions (by default when `regression`: both measure what is left of the
     base) and base regression; with `progress`, a bar per step on stderr."""
     results = [run_suite(engine, adapters, items, name, progress=progress) for name, items in suites.items()]
-    score = general_score(engine, adapters, progress=progress) if (regression if general is None else general) else None
+    with_general = regression if general is None else general
+    score = general_score(engine, adapters, progress=progress) if with_general else None
     base = (
         base_regression(engine, adapters, base_reference(engine, progress=progress), progress=progress)
         if regression

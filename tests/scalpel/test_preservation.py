@@ -208,7 +208,7 @@ def test_the_plans_start_route_and_the_fine_tuning_api_take_the_switch(tiny_home
             created = client.fine_tuning.jobs.create(
                 model="tiny",
                 training_file=upload.id,
-                hyperparameters={"preservation": False},  # type: ignore[typeddict-unknown-key]
+                hyperparameters={"preservation": False},  # not OpenAI's: scalpel's switch
             )
             assert created.hyperparameters.model_extra == {"preservation": False}
             client.fine_tuning.jobs.cancel(created.id)
