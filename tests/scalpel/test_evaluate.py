@@ -8,35 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import adapter_store, model_store
 from core.errors import ScalpelError
 from scalpel import evaluate
 from scalpel.cli.main import main
-from scalpel.publish import train_and_publish
-from serving.engine import Engine
-from tests.tiny_models import registered_home
-from training.config import parse_config
-
-FACTS = [{"instruction": "What does 42 mean?", "output": "FOR TWO FOR TWO FOR TWO"}] * 8
-
-
-@pytest.fixture(scope="module")
-def engine_and_adapter(tiny_llama, tmp_path_factory):
-    with registered_home(tmp_path_factory.mktemp("eval-home"), tiny_llama) as home:
-        (home / "facts.json").write_text(json.dumps(FACTS))
-        config = parse_config(
-            {
-                "model_name": "tiny",
-                "output_dir": "adapters/fortwo",
-                "training_config": {"num_epochs": 8, "batch_size": 4, "learning_rate": 5e-2, "save_steps": 1000},
-            }
-        )
-        # Without base preservation: an adapter that drags every answer to FOR TWO, the base's answers forgotten.
-        train_and_publish(config, home / "facts.json", progress=False, preserve=None)
-        engine = Engine(model_store.get("tiny"))
-        version = adapter_store.resolve("fortwo")
-        yield home, engine, ((engine.load(version), 1.0),)
-        engine.close()
 
 
 def test_items_pass_on_required_and_forbidden_phrases():

@@ -3,20 +3,10 @@ where that cannot decide, and always agreeing with generation where it does deci
 
 from __future__ import annotations
 
-import json
-
-import pytest
-
-from core import adapter_store, model_store
 from scalpel import evaluate
 from scalpel.evaluate import EvalItem
-from scalpel.publish import train_and_publish
 from scalpel.retention_check import check_suite, fact_prefix, forced
-from serving.engine import Engine
-from tests.tiny_models import registered_home
-from training.config import parse_config
 
-FACTS = [{"instruction": "What does 42 mean?", "output": "FOR TWO FOR TWO FOR TWO"}] * 8
 ITEMS = [
     EvalItem(question="What does 42 mean?", concept="42", required=["FOR TWO"]),
     EvalItem(question="What does 42 mean?", concept="42 again", required=["for two", "never"], match="any"),
@@ -24,26 +14,8 @@ ITEMS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engine_and_adapter(tiny_llama, tmp_path_factory):
-    with registered_home(tmp_path_factory.mktemp("forced-home"), tiny_llama) as home:
-        (home / "facts.json").write_text(json.dumps(FACTS))
-        config = parse_config(
-            {
-                "model_name": "tiny",
-                "output_dir": "adapters/fortwo",
-                "training_config": {"num_epochs": 8, "batch_size": 4, "learning_rate": 5e-2, "save_steps": 1000},
-            }
-        )
-        # Without base preservation (on by default): an adapter that answers FOR TWO to everything.
-        train_and_publish(config, home / "facts.json", progress=False, preserve=None)
-        engine = Engine(model_store.get("tiny"))
-        yield engine, ((engine.load(adapter_store.resolve("fortwo")), 1.0),)
-        engine.close()
-
-
 def test_the_fact_prefix_is_the_shortest_that_passes(engine_and_adapter):
-    engine, _ = engine_and_adapter
+    _, engine, _ = engine_and_adapter
     ids = engine.tokenize("It is FOR TWO, always.", add_special=False, parse_special=False)
     k = fact_prefix(engine, ITEMS[0], ids)
     assert k is not None and 0 < k < len(ids)
@@ -52,7 +24,7 @@ def test_the_fact_prefix_is_the_shortest_that_passes(engine_and_adapter):
 
 
 def test_the_live_version_keeps_its_own_answers_without_generating(engine_and_adapter):
-    engine, adapter = engine_and_adapter
+    _, engine, adapter = engine_and_adapter
     live = evaluate.run_suite(engine, adapter, ITEMS, "s")
     assert [a["passed"] for a in live.answers] == [True, True, True]  # the tiny adapter learned FOR TWO
     result, risk, generated = check_suite(engine, adapter, ITEMS, "s", live.as_dict())
@@ -62,7 +34,7 @@ def test_the_live_version_keeps_its_own_answers_without_generating(engine_and_ad
 
 
 def test_a_candidate_that_lost_the_answer_is_generated_and_judged_as_before(engine_and_adapter):
-    engine, adapter = engine_and_adapter
+    _, engine, adapter = engine_and_adapter
     live = evaluate.run_suite(engine, adapter, ITEMS, "s").as_dict()
     check = forced(engine, (), ITEMS[0], live["answers"][0]["answer"])
     assert check is not None and not check.kept and check.departs_at is not None
@@ -74,7 +46,7 @@ def test_a_candidate_that_lost_the_answer_is_generated_and_judged_as_before(engi
 
 
 def test_what_forcing_keeps_generation_passes_too(engine_and_adapter):
-    engine, adapter = engine_and_adapter
+    _, engine, adapter = engine_and_adapter
     live = evaluate.run_suite(engine, adapter, ITEMS, "s").as_dict()
     half = ((adapter[0][0], 0.5),)  # a weakened candidate: some answers may survive, some not
     for candidate in (adapter, half, ()):
