@@ -269,6 +269,10 @@ class SuiteResult:
         return {"name": self.name, "accuracy": self.accuracy, "per_concept": self.per_concept, "answers": self.answers}
 
 
+# How one suite is scored: run_suite generates every answer; scalpel.retention_check.SuiteChecker forces some.
+SuiteRunner = Callable[[AnyEngine, AdapterSet, list[EvalItem], str], SuiteResult]
+
+
 def run_suite(
     engine: AnyEngine, adapters: AdapterSet, items: list[EvalItem], name: str, *, progress: bool = False
 ) -> SuiteResult:
@@ -582,10 +586,14 @@ def evaluate(
     regression: bool = True,
     general: bool | None = None,
     progress: bool = False,
+    runner: SuiteRunner | None = None,
 ) -> EvalReport:
-    """Every suite, then the general questions (by default when `regression`: both measure what is left of the
-    base) and base regression; with `progress`, a bar per step on stderr."""
-    results = [run_suite(engine, adapters, items, name, progress=progress) for name, items in suites.items()]
+    """Every suite (through `runner`, by default run_suite), then the general questions (by default when
+    `regression`: both measure what is left of the base) and base regression; with `progress`, a bar per step."""
+    if runner is None:
+        results = [run_suite(engine, adapters, items, name, progress=progress) for name, items in suites.items()]
+    else:
+        results = [runner(engine, adapters, items, name) for name, items in suites.items()]
     with_general = regression if general is None else general
     score = general_score(engine, adapters, progress=progress) if with_general else None
     base = (
@@ -603,11 +611,12 @@ def evaluate_version(
     ref: str,
     *,
     progress: bool = False,
+    runner: SuiteRunner | None = None,
 ) -> EvalReport:
     """evaluate() on one version, a staged one too, loaded for it and unloaded after it."""
     loaded = engine.load(version)
     try:
-        return evaluate(engine, ((loaded, 1.0),), suites, ref, progress=progress)
+        return evaluate(engine, ((loaded, 1.0),), suites, ref, progress=progress, runner=runner)
     finally:
         engine.unload(loaded)
 

@@ -31,7 +31,9 @@ def budget_replay(
         by_concept.setdefault(example.concept, []).append(example)
     for pool in by_concept.values():
         rng.shuffle(pool)
-    at_risk = sorted((c for c in by_concept if risk.get(c, 0.0) < risk_margin), key=lambda c: (risk.get(c, 0.0), c))
+    at_risk = [c for c in sorted(by_concept) if risk.get(c, 0.0) < risk_margin]
+    rng.shuffle(at_risk)  # ties (every concept that needed a generation has 0) in a seeded order, not by name
+    at_risk.sort(key=lambda c: risk.get(c, 0.0))
     sample: list[Example] = []
     for concept in at_risk:
         sample += by_concept[concept][: min(per_risky, budget - len(sample))]

@@ -16,11 +16,11 @@ generation more; it never passes an answer that generation would fail, except th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scalpel import evaluate
-from scalpel.evaluate import EvalItem, SuiteResult
-from serving.engine import AdapterSet, Engine
+from scalpel.evaluate import AnyEngine, EvalItem, SuiteResult
+from serving.engine import AdapterSet
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Forced:
     departs_at: int | None  # the first answer token the candidate would not pick, if any before the facts
 
 
-def fact_prefix(engine: Engine, item: EvalItem, answer_ids: list[int]) -> int | None:
+def fact_prefix(engine: AnyEngine, item: EvalItem, answer_ids: list[int]) -> int | None:
     """The fewest answer tokens whose text already passes the item (its required phrases are all, or any, in
     it), or None when even the whole answer does not."""
     for k in range(len(answer_ids) + 1):
@@ -42,7 +42,7 @@ def fact_prefix(engine: Engine, item: EvalItem, answer_ids: list[int]) -> int | 
     return None
 
 
-def forced(engine: Engine, adapters: AdapterSet, item: EvalItem, answer: str) -> Forced | None:
+def forced(engine: AnyEngine, adapters: AdapterSet, item: EvalItem, answer: str) -> Forced | None:
     """Teacher-force `answer` to `item.question` under `adapters`; None when the answer carries no facts to
     check this way (it fails the item, or the item only forbids phrases, which a prefix cannot settle)."""
     if item.forbidden or not item.required:
@@ -62,7 +62,7 @@ def forced(engine: Engine, adapters: AdapterSet, item: EvalItem, answer: str) ->
 
 
 def check_suite(
-    engine: Engine, adapters: AdapterSet, items: list[EvalItem], name: str, live: dict | None
+    engine: AnyEngine, adapters: AdapterSet, items: list[EvalItem], name: str, live: dict | None
 ) -> tuple[SuiteResult, dict[str, float], int]:
     """A suite's result as run_suite would give it, generating only where teacher forcing cannot decide.
 
@@ -87,3 +87,41 @@ def check_suite(
             {"question": item.question, "concept": item.concept, "answer": answer, "passed": passed, "checked": how}
         )
     return SuiteResult(name, answers), risk, generated
+
+
+@dataclass
+class SuiteChecker:
+    """One candidate's suite runner (evaluate.evaluate's `runner`): an earlier suite that the live version was
+    scored on goes through check_suite, any other (the new knowledge's) through run_suite. It keeps every
+    concept's risk (0 for a concept whose answers were generated) and how many questions each way took."""
+
+    live_suites: dict  # the live version's results, by suite name (SuiteResult.as_dict)
+    generate: frozenset[str] = frozenset()  # suites always generated in full (the new knowledge's)
+    progress: bool = False
+    risk: dict[str, float] = field(default_factory=dict)
+    forced: int = 0
+    generated: int = 0
+
+    def __call__(self, engine: AnyEngine, adapters: AdapterSet, items: list[EvalItem], name: str) -> SuiteResult:
+        """The suite's result, as run_suite gives it (with each answer's "checked" where forcing was tried)."""
+        live = self.live_suites.get(name)
+        if live is None or name in self.generate:
+            result = evaluate.run_suite(engine, adapters, items, name, progress=self.progress)
+            self.generated += len(items)
+            for item in items:
+                self.risk[item.concept] = 0.0
+            return result
+        result, risk, generated = check_suite(engine, adapters, items, name, live)
+        self.generated += generated
+        self.forced += len(items) - generated
+        for concept, margin in risk.items():
+            self.risk[concept] = min(self.risk.get(concept, float("inf")), margin)
+        return result
+
+    def record(self) -> dict:
+        """The manifest's record of the check: each concept's thinnest margin (None: its facts need no token to
+        be forced), and the questions forced and generated."""
+        return {
+            "risk": {c: None if m == float("inf") else round(m, 3) for c, m in sorted(self.risk.items())},
+            "retention_checks": {"forced": self.forced, "generated": self.generated},
+        }

@@ -41,6 +41,8 @@ from scalpel.evaluate import EvalItem, EvalReport
 from scalpel.preservation import PRESERVATION_CONCEPT
 from scalpel.preservation import preservation_examples as preservation_examples  # re-exported: bench/evenings.py
 from scalpel.publish import StagedVersion, TrainingData, publish_staged, stage_version
+from scalpel.replay_budget import budget_replay
+from scalpel.retention_check import SuiteChecker
 from scalpel.update_settings import INBOX_ATTEMPTS, UpdateSettings
 from serving.engine_process import EngineProcess
 from training.config import TrainConfig, parse_config
@@ -229,13 +231,9 @@ def retry_emphasis(failed: GateFailures, report: evaluate.EvalReport, before: Em
     )
 
 
-def first_emphasis(live: adapter_store.AdapterVersion, earlier: list[Example], settings: UpdateSettings) -> Emphasis:
-    """The first candidate's emphasis, when keep_full_replay: every still-taught concept that the live
-    version's own update replayed in full, or that a candidate rejected since (trained from the live version)
-    forgot. In the ten-evening benchmark, the foundation concept that the first candidates forgot on evenings
-    1, 2 and 3 was forgotten again each time it was only sampled, and git_workflow on evenings 8 and 9."""
-    if not settings.keep_full_replay:
-        return Emphasis()
+def carried_concepts(live: adapter_store.AdapterVersion, earlier: list[Example]) -> set[str]:
+    """Every still-taught concept that the live version's own update replayed in full, or that a candidate
+    rejected since (trained from the live version) forgot: fragile, and so emphasised by the next update."""
     live_update = live.manifest.update
     kept = set(live_update.emphasis.replay_in_full if live_update else [])
     made = adapter_store.versions(live.path.parent)  # oldest first
@@ -243,8 +241,33 @@ def first_emphasis(live: adapter_store.AdapterVersion, earlier: list[Example], s
         manifest = adapter_store.AdapterVersion(live.name, version, live.path.parent / version).manifest
         if manifest.update is not None and manifest.update.from_ == live.ref:
             kept |= set((manifest.eval or {}).get("lean_next", {}).get("replay_in_full", []))
-    taught = {e.concept for e in earlier}
-    return Emphasis(replay_in_full=tuple(sorted(c for c in kept if c in taught)))
+    return kept & {e.concept for e in earlier}
+
+
+def first_emphasis(live: adapter_store.AdapterVersion, earlier: list[Example], settings: UpdateSettings) -> Emphasis:
+    """The first candidate's emphasis, when keep_full_replay: the carried concepts replayed in full. In the
+    ten-evening benchmark, the foundation concept that the first candidates forgot on evenings 1, 2 and 3 was
+    forgotten again each time it was only sampled, and git_workflow on evenings 8 and 9.
+
+    Under a replay budget a full replay of them would grow without bound: plan_mix counts them as at risk
+    instead (replay_per_risky examples each)."""
+    if not settings.keep_full_replay or settings.replay_budget is not None:
+        return Emphasis()
+    return Emphasis(replay_in_full=tuple(sorted(carried_concepts(live, earlier))))
+
+
+def replay_risk(live_eval: dict, suites: dict[str, list[EvalItem]], earlier: list[Example]) -> dict[str, float]:
+    """Each earlier concept's risk for budget_replay: the thinnest margin by which the live version kept its
+    answers (its manifest's "risk"); 0 where they had to be generated or were never checked that way (the live
+    version's own new knowledge), and infinity for a concept no suite asks about, which only the rotation replays."""
+    recorded = live_eval.get("risk") or {}
+    risk = {e.concept: float("inf") for e in earlier}
+    for items in suites.values():
+        for item in items:
+            if item.concept in risk:
+                margin = recorded.get(item.concept, 0.0)
+                risk[item.concept] = float("inf") if margin is None else margin
+    return risk
 
 
 def training_mix(
@@ -254,9 +277,27 @@ def training_mix(
     settings: UpdateSettings,
     emphasis: Emphasis,
     rng: random.Random,
+    risk: dict[str, float] | None = None,
 ) -> tuple[list[Example], list[Example], list[Example]]:
-    """One candidate's training data: (the new examples, repeated as emphasised; the replay; the preservation)."""
-    replay = replay_sample(earlier, round(settings.replay_ratio * len(new)), settings.replay_per_concept, rng)
+    """One candidate's training data: (the new examples, repeated as emphasised; the replay; the preservation).
+
+    Under a replay budget, as many examples as replay_sample would take, but at most the budget, spent by
+    budget_replay on the concepts at risk (`risk`, from replay_risk) first.
+    """
+    count = round(settings.replay_ratio * len(new))
+    if settings.replay_budget is None:
+        replay = replay_sample(earlier, count, settings.replay_per_concept, rng)
+    else:
+        concepts = len({e.concept for e in earlier})
+        wanted = min(len(earlier), max(count, settings.replay_per_concept * concepts), settings.replay_budget)
+        replay = budget_replay(
+            earlier,
+            wanted,
+            risk or {},
+            risk_margin=settings.risk_margin,
+            per_risky=settings.replay_per_risky,
+            rng=rng,
+        )
     sampled = {id(e) for e in replay}
     replay += [e for e in earlier if e.concept in emphasis.replay_in_full and id(e) not in sampled]
     preserve = preservation.sample(pool, len(new), settings.preservation(), rng, emphasis.preservation_scale)
@@ -467,7 +508,7 @@ class EveningUpdate:
         """One candidate through every phase after plan_mix."""
         started = time.time()
         with self.train(mix) as staged:
-            verdict = self.decide(self.evaluate(staged), mix.emphasis)
+            verdict = self.decide(*self.evaluate(staged), mix.emphasis)
             version = self.publish(staged, verdict)
         self.candidates.append(Candidate(version, mix, verdict, time.time() - started))
         return self.candidates[-1]
@@ -477,7 +518,12 @@ class EveningUpdate:
         # Seeded by the number of versions so far, so every candidate (a retry, the next evening, the same file
         # tried again on a later evening) replays different examples in a different order.
         rng = random.Random(f"{self.settings.seed}-{len(adapter_store.versions(self.live.path.parent))}")
-        new, replay, preserve = training_mix(self.new, self.earlier, self.preservation, self.settings, emphasis, rng)
+        risk = replay_risk(self.live_eval, self.suites, self.earlier)
+        if self.settings.keep_full_replay:
+            risk.update(dict.fromkeys(carried_concepts(self.live, self.earlier), 0.0))
+        new, replay, preserve = training_mix(
+            self.new, self.earlier, self.preservation, self.settings, emphasis, rng, risk
+        )
         examples = new + replay + preserve
         rng.shuffle(examples)
         return Mix(emphasis, new, replay, preserve, examples)
@@ -549,22 +595,28 @@ class EveningUpdate:
         on = self.settings.preservation() if self.settings.preservation_ratio else None
         return preservation.record(on, len(mix.preservation), len(self.preservation))
 
-    def evaluate(self, staged: StagedVersion) -> EvalReport:
-        """Score the staged candidate through llama.cpp: the new suite, every earlier suite, the general questions
-        and base regression; its eval.png and report say how it does."""
+    def evaluate(self, staged: StagedVersion) -> tuple[EvalReport, SuiteChecker]:
+        """Score the staged candidate through llama.cpp: the new suite, every earlier suite (teacher-forced where
+        retention_check is "forced"), the general questions and base regression; its eval.png and report say how
+        it does. The checker says how the suites were checked, and each concept's risk."""
+        checker = SuiteChecker(
+            (self.live_eval.get("suites") or {}) if self.settings.retention_check == "forced" else {},
+            frozenset(n for n in (self.new_suite, self.derived_suite) if n is not None),
+            self.progress,
+        )
         self.log(
             f"{self.phase('evaluate')} evaluating the new version through llama.cpp: {len(self.suites)} suite(s), "
             "general questions and base regression"
         )
         # Unloaded after: a rejected candidate is not served; the next one is staged afresh.
         report = evaluate.evaluate_version(
-            self.engine, staged.version, self.suites, f"{self.name}@next", progress=self.progress
+            self.engine, staged.version, self.suites, f"{self.name}@next", progress=self.progress, runner=checker
         )
         kept = staged.manifest.preservation
         evaluate.record(report, staged.stage, preservation.described(kept.model_dump() if kept else None))
-        return report
+        return report, checker
 
-    def decide(self, report: EvalReport, emphasis: Emphasis) -> Verdict:
+    def decide(self, report: EvalReport, checker: SuiteChecker, emphasis: Emphasis) -> Verdict:
         """Promote the candidate if it passes every gate; otherwise say which failed, and what a retry leans on."""
         failed = failed_gates(report, self.new_suite, self.settings, self.live_eval)
         reasons = gate_decision(failed, self.settings)
@@ -580,6 +632,7 @@ class EveningUpdate:
                 "reasons": reasons,
                 "live_before": self.live.ref,
                 "lean_next": asdict(lean_next),
+                **checker.record(),
             },
         )
 

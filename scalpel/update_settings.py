@@ -35,6 +35,14 @@ class UpdateSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     replay_ratio: float = Field(1.0, ge=0)  # earlier examples per new example, spread over earlier concepts
     replay_per_concept: int = Field(3, ge=0)  # ...but never fewer than this many from each earlier concept
+    # At most this many replayed examples, whatever the number of concepts learned, spent on the concepts at risk
+    # first (scalpel.replay_budget); None: no cap, and the replay grows with every concept.
+    replay_budget: int | None = Field(48, ge=0)
+    risk_margin: float = Field(2.0, ge=0)  # a concept whose thinnest kept margin (logits) is below this is at risk
+    replay_per_risky: int = Field(3, ge=1)  # examples replayed for each concept at risk
+    # "forced": an earlier suite's questions are checked by teacher-forcing the live version's right answers
+    # (scalpel.retention_check), generating only where that cannot decide; "generate": every answer generated.
+    retention_check: Literal["forced", "generate"] = "forced"
     preservation_ratio: float = Field(_PRESERVE.ratio, ge=0)  # PreservationSettings.ratio
     preservation_loss: Literal["distill", "answers"] = _PRESERVE.loss  # PreservationSettings.loss
     preservation_weight: float = Field(_PRESERVE.weight, gt=0)  # PreservationSettings.weight

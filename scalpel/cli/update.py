@@ -30,7 +30,12 @@ def cmd_update(args) -> None:
         "max_candidates": args.candidates,
         "max_update_seconds": args.max_seconds,
         "keep_full_replay": args.keep_full_replay,
+        "replay_budget": args.replay_budget,
+        "risk_margin": args.risk_margin,
+        "retention_check": args.retention_check,
     }
+    if args.no_replay_budget:
+        values["replay_budget"] = None
     try:
         settings = UpdateSettings(**{k: v for k, v in values.items() if v is not None})
     except ValueError as exc:
@@ -111,6 +116,30 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
         type=int,
         help=f"but at least this many from every earlier concept (default {_default('replay_per_concept')})",
     )
+    budget = up.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--replay-budget",
+        type=int,
+        help="at most this many replayed examples, whatever the number of concepts learned, the concepts at "
+        f"risk first (default {_default('replay_budget')})",
+    )
+    budget.add_argument(
+        "--no-replay-budget",
+        action="store_true",
+        help="no cap: replay from every earlier concept, a replay that grows with every concept learned",
+    )
+    up.add_argument(
+        "--risk-margin",
+        type=float,
+        help="a concept is at risk when the thinnest margin (logits) of its kept answers is below this "
+        f"(default {_default('risk_margin')})",
+    )
+    up.add_argument(
+        "--retention-check",
+        choices=["forced", "generate"],
+        help="forced: check earlier suites by teacher-forcing the live version's right answers, generating only "
+        f"where that cannot decide; generate: generate every answer (default {_default('retention_check')})",
+    )
     up.add_argument(
         "--preservation-ratio",
         type=float,
@@ -172,7 +201,7 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
         "--keep-full-replay",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="start with the full replay of every concept an earlier update had to replay in full "
-        f"(default {_default('keep_full_replay')})",
+        help="start with the full replay of every concept an earlier update had to replay in full; under a "
+        f"replay budget they are counted as at risk instead (default {_default('keep_full_replay')})",
     )
     up.set_defaults(func=cmd_update)

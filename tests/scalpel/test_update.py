@@ -17,12 +17,15 @@ import pytest
 from core import adapter_store
 from core.errors import ConflictError, ScalpelError
 from scalpel.cli.main import main
+from scalpel.evaluate import EvalItem
 from scalpel.publish import train_and_publish
 from scalpel.update import (
     Emphasis,
     UpdateSettings,
+    carried_concepts,
     failed_gates,
     first_emphasis,
+    replay_risk,
     replay_sample,
     retry_emphasis,
     run_inbox,
@@ -88,6 +91,15 @@ def test_an_update_replays_old_data_and_keeps_every_suite(foundation, home):
     assert (result.version.path / "eval.png").read_bytes()[:4] == b"\x89PNG"
     log = (home / ".scalpel" / "updates.jsonl").read_text().splitlines()
     assert json.loads(log[-1])["version"] == "v2" and json.loads(log[-1])["promoted"]
+    # The earlier suite was checked against v1's answers (forced where v1 was right), the new one generated;
+    # each concept's risk is recorded for the next update's replay budget.
+    checks = manifest.eval["retention_checks"]
+    assert checks["forced"] + checks["generated"] == 2 and checks["generated"] >= 1
+    assert manifest.eval["risk"]["pdca"] == 0.0, "new knowledge: generated, so at risk next time"
+    answers = manifest.eval["suites"]["foundation"]["answers"]
+    assert answers[0]["checked"] in ("forced", "generated")
+    v1_passed = adapter_store.resolve("know@v1").manifest.eval["suites"]["foundation"]["answers"][0]["passed"]
+    assert (answers[0]["checked"] == "forced") <= v1_passed, "only what v1 answered right is forced"
 
 
 def test_replay_covers_every_earlier_concept_evenly():
@@ -358,17 +370,22 @@ def test_a_concept_replayed_in_full_stays_replayed_in_full(tmp_path):
     earlier = [
         Example([{"role": "user", "content": c}, {"role": "assistant", "content": "x"}], c, "d[0]") for c in ("a", "b")
     ]
+    full = UpdateSettings(replay_budget=None)  # no budget: the carried concepts are replayed in full
     retried = version({"new_repeats": 2, "replay_in_full": ["a", "gone"], "preservation_scale": 2.0})
-    assert first_emphasis(retried, earlier, UpdateSettings()) == Emphasis(replay_in_full=("a",)), (
+    assert first_emphasis(retried, earlier, full) == Emphasis(replay_in_full=("a",)), (
         "only the full replay carries over, and only of concepts still taught"
     )
-    assert first_emphasis(retried, earlier, UpdateSettings(keep_full_replay=False)) == Emphasis()
-    assert first_emphasis(version(None), earlier, UpdateSettings()) == Emphasis(), "a first version has no update"
+    assert first_emphasis(retried, earlier, full.model_copy(update={"keep_full_replay": False})) == Emphasis()
+    assert first_emphasis(version(None), earlier, full) == Emphasis(), "a first version has no update"
     # A candidate rejected since the live version was made (v4, from v3) forgot b: the next update replays b too.
     live = version({"replay_in_full": ["a"]})
     version(None, {"update": {"from": "know@v3"}, "eval": {"promoted": False, "lean_next": {"replay_in_full": ["b"]}}})
     version(None, {"update": {"from": "know@v1"}, "eval": {"promoted": False, "lean_next": {"replay_in_full": ["c"]}}})
-    assert first_emphasis(live, earlier, UpdateSettings()) == Emphasis(replay_in_full=("a", "b"))
+    assert first_emphasis(live, earlier, full) == Emphasis(replay_in_full=("a", "b"))
+    # Under the (default) replay budget they are not replayed in full, which would grow without bound: the same
+    # concepts are carried as at risk instead.
+    assert first_emphasis(live, earlier, UpdateSettings()) == Emphasis()
+    assert carried_concepts(live, earlier) == {"a", "b"}
 
 
 def test_a_retry_leans_on_what_failed():
@@ -427,3 +444,34 @@ def test_a_retry_leans_on_what_failed():
     assert Counter(e.concept for e in replay) == {"a": 10, "b": 10} and len({id(e) for e in replay}) == len(replay), (
         "all of a and b, each once"
     )
+
+
+def test_the_replay_is_bounded_by_the_budget_whatever_the_number_of_concepts():
+    def example(concept, i):
+        return Example(
+            [{"role": "user", "content": f"{concept} {i}"}, {"role": "assistant", "content": "x"}], concept, f"d[{i}]"
+        )
+
+    new = [example("n", i) for i in range(50)]
+    settings = UpdateSettings(preservation_ratio=0)
+    sizes = {}
+    for concepts in (5, 30, 100, 300):
+        earlier = [example(f"c{k}", i) for k in range(concepts) for i in range(10)]
+        suites = {"all": [EvalItem(question=f"c{k}?", concept=f"c{k}", required=["x"]) for k in range(concepts)]}
+        live_eval = {"risk": {f"c{k}": 5.0 for k in range(concepts)} | {"c1": 0.5, "c2": None}}
+        risk = replay_risk(live_eval, suites, earlier)
+        assert risk["c1"] == 0.5 and risk["c2"] == float("inf") and risk["c3"] == 5.0
+        _, replay, _ = training_mix(new, earlier, [], settings, Emphasis(), random.Random(0), risk)
+        sizes[concepts] = len(replay)
+        at_risk = Counter(e.concept for e in replay)["c1"]
+        assert at_risk >= settings.replay_per_risky, "the thin margin: at risk, replayed first"
+        if concepts >= 30:
+            assert at_risk == settings.replay_per_risky, "and only per_risky of it while others wait their turn"
+    # 5 concepts ask for 50 (the ratio) of 50 examples; beyond, the budget caps it at 48, at 300 concepts too.
+    assert sizes == {5: 48, 30: 48, 100: 48, 300: 48}
+    unbounded = UpdateSettings(preservation_ratio=0, replay_budget=None)
+    _, replay, _ = training_mix(new, earlier, [], unbounded, Emphasis(), random.Random(0))
+    assert len(replay) == 3 * 300, "without the budget, every concept's floor of 3: the replay grows"
+    # A concept the live version's own update brought (no recorded margin: its answers were generated) is at risk.
+    assert replay_risk({"risk": {}}, suites, earlier)["c7"] == 0.0
+    assert replay_risk({}, {}, earlier)["c7"] == float("inf"), "no suite asks about it: the rotation only"
