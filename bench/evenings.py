@@ -17,6 +17,7 @@ The knowledge is examples/evenings/ (a foundation and ten evenings) or a generat
 
     .venv/bin/python bench/evenings.py [--knowledge DIR] [--evenings N] [--out DIR] [--arms scalpel,naive]
                                        [--epochs 8] [--learning-rate LR] [--update-learning-rate LR]
+                                       [--update-epochs N] [--max-seconds 450] [--replay-budget N]
                                        [--preservation-ratio R] [--preservation-loss distill|answers]
                                        [--preservation-weight W] [--candidates N] [--paraphrase-every N] [--fresh]
 
@@ -709,6 +710,14 @@ def main() -> None:
         type=float,
         help="every update's learning rate (default: as shipped, a third of the foundation's)",
     )
+    parser.add_argument("--update-epochs", type=float, help="every update's num_epochs (default: --epochs)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=TARGETS["max_update_seconds"][1],
+        help="the scalpel arm's max_update_seconds: no retry starts that would end later (default: the target, 450)",
+    )
+    parser.add_argument("--replay-budget", type=int, help="the scalpel arm's replay_budget (default: as shipped)")
     parser.add_argument("--preservation-ratio", type=float, default=0.5, help="the scalpel arm's preservation ratio")
     parser.add_argument(
         "--preservation-loss",
@@ -746,6 +755,9 @@ def main() -> None:
                 "epochs",
                 "learning_rate",
                 "update_learning_rate",
+                "update_epochs",
+                "max_seconds",
+                "replay_budget",
                 "preservation_ratio",
                 "preservation_loss",
                 "preservation_weight",
@@ -777,14 +789,16 @@ def main() -> None:
             + ", ".join(f"{arm} done to evening {progress.nights(arm)[-1]['evening']}" for arm in arm_names),
             flush=True,
         )
-    recipe = {"num_epochs": args.epochs, "learning_rate": args.update_learning_rate}
+    recipe = {"num_epochs": args.update_epochs or args.epochs, "learning_rate": args.update_learning_rate}
     settings = {
         "scalpel": UpdateSettings(
             **recipe,
             preservation_ratio=args.preservation_ratio,
             preservation_loss=args.preservation_loss,
             preservation_weight=args.preservation_weight,
+            max_update_seconds=args.max_seconds,
             **({"max_candidates": args.candidates} if args.candidates else {}),
+            **({"replay_budget": args.replay_budget} if args.replay_budget is not None else {}),
         ),
         "naive": UpdateSettings(**recipe, gates=False, replay_ratio=0, replay_per_concept=0, preservation_ratio=0),
     }
