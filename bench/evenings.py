@@ -17,7 +17,7 @@ The knowledge is examples/evenings/ (a foundation and ten evenings) or a generat
 
     .venv/bin/python bench/evenings.py [--knowledge DIR] [--evenings N] [--out DIR] [--arms scalpel,naive]
                                        [--epochs 8] [--learning-rate LR] [--update-learning-rate LR]
-                                       [--update-epochs N] [--max-seconds 450] [--replay-budget N]
+                                       [--update-epochs N] [--new-repeats N] [--max-seconds 450] [--replay-budget N]
                                        [--preservation-ratio R] [--preservation-loss distill|answers]
                                        [--preservation-weight W] [--candidates N] [--paraphrase-every N] [--fresh]
 
@@ -711,6 +711,7 @@ def main() -> None:
         help="every update's learning rate (default: as shipped, a third of the foundation's)",
     )
     parser.add_argument("--update-epochs", type=float, help="every update's num_epochs (default: --epochs)")
+    parser.add_argument("--new-repeats", type=int, help="the scalpel arm's new_repeats (default: as shipped)")
     parser.add_argument(
         "--max-seconds",
         type=float,
@@ -756,6 +757,7 @@ def main() -> None:
                 "learning_rate",
                 "update_learning_rate",
                 "update_epochs",
+                "new_repeats",
                 "max_seconds",
                 "replay_budget",
                 "preservation_ratio",
@@ -799,6 +801,7 @@ def main() -> None:
             max_update_seconds=args.max_seconds,
             **({"max_candidates": args.candidates} if args.candidates else {}),
             **({"replay_budget": args.replay_budget} if args.replay_budget is not None else {}),
+            **({"new_repeats": args.new_repeats} if args.new_repeats else {}),
         ),
         "naive": UpdateSettings(**recipe, gates=False, replay_ratio=0, replay_per_concept=0, preservation_ratio=0),
     }

@@ -318,7 +318,8 @@ def train_and_publish(
         judged = evaluate.judge_staged(
             base, staged.version, suites, progress=progress, preservation=preservation.described(kept)
         )
-        # Live at once, with no gate to pass: "promoted" as readers of an update's evaluation expect it.
-        staged.manifest.eval = {**judged.as_dict(), "promoted": True, "reasons": []}
+        # Live at once, with no gate to pass: "promoted" as readers of an update's evaluation expect it, and
+        # "first_version" to say why no gate was applied (nor any retention: there is nothing earlier).
+        staged.manifest.eval = {**judged.as_dict(), "promoted": True, "reasons": [], "first_version": True}
         version = publish_staged(staged)
     return PipelineResult(version, staged.manifest, staged.train_seconds, staged.convert_seconds, staged.warnings)

@@ -245,15 +245,16 @@ def carried_concepts(live: adapter_store.AdapterVersion, earlier: list[Example])
 
 
 def first_emphasis(live: adapter_store.AdapterVersion, earlier: list[Example], settings: UpdateSettings) -> Emphasis:
-    """The first candidate's emphasis, when keep_full_replay: the carried concepts replayed in full. In the
+    """The first candidate's emphasis: the new examples `new_repeats` times and, when keep_full_replay, the
+    carried concepts replayed in full. In the
     ten-evening benchmark, the foundation concept that the first candidates forgot on evenings 1, 2 and 3 was
     forgotten again each time it was only sampled, and git_workflow on evenings 8 and 9.
 
     Under a replay budget a full replay of them would grow without bound: plan_mix counts them as at risk
     instead (replay_per_risky examples each)."""
     if not settings.keep_full_replay or settings.replay_budget is not None:
-        return Emphasis()
-    return Emphasis(replay_in_full=tuple(sorted(carried_concepts(live, earlier))))
+        return Emphasis(new_repeats=settings.new_repeats)
+    return Emphasis(settings.new_repeats, tuple(sorted(carried_concepts(live, earlier))))
 
 
 def replay_risk(live_eval: dict, suites: dict[str, list[EvalItem]], earlier: list[Example]) -> dict[str, float]:

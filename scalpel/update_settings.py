@@ -47,6 +47,10 @@ class UpdateSettings(BaseModel):
     preservation_loss: Literal["distill", "answers"] = _PRESERVE.loss  # PreservationSettings.loss
     preservation_weight: float = Field(_PRESERVE.weight, gt=0)  # PreservationSettings.weight
     num_epochs: float | None = Field(None, gt=0)  # default: the live version's config
+    # Each new example this many times per epoch (a retry after under-learning adds one more). With fewer epochs,
+    # new knowledge gets its passes while the replay and the preservation examples are not repeated as often:
+    # the same learning for fewer trained tokens.
+    new_repeats: int = Field(1, ge=1)
     # Default: the first version's learning rate times learning_rate_scale. An update continues an adapter
     # that already knows things; at the full rate the new concept overwrote old answers' openings.
     learning_rate: float | None = Field(None, gt=0, lt=1)

@@ -23,6 +23,7 @@ def cmd_jobs_start(args) -> None:
         eval_data=Path(args.eval_data) if args.eval_data else None,
         model=args.model,
         max_steps=args.max_steps,
+        preservation=args.preservation,
     )
     print(f"started {job['id']} ({job['adapter']} on {job['model']})")
     if args.watch:
@@ -74,6 +75,12 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
     start.add_argument("--eval-data", help="evaluation file (uploaded to the server)")
     start.add_argument("--model", help="registered base to train on instead of the config's model_name")
     start.add_argument("--max-steps", type=int, help="cap training steps")
+    start.add_argument(
+        "--no-preservation",
+        dest="preservation",
+        action="store_false",
+        help="train without base preservation (the base's own answers mixed into training; on by default)",
+    )
     start.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
     start.set_defaults(func=cmd_jobs_start)
     listing = jobs_sub.add_parser("list", parents=[connection], help="jobs, newest first")

@@ -21,6 +21,7 @@ def cmd_update(args) -> None:
         "preservation_loss": args.preservation_loss,
         "preservation_weight": args.preservation_weight,
         "num_epochs": args.epochs,
+        "new_repeats": args.new_repeats,
         "learning_rate": args.learning_rate,
         "min_retention": args.min_retention,
         "min_new_knowledge": args.min_new_knowledge,
@@ -157,6 +158,12 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
         help=f"weight of the distillation term (default {_default('preservation_weight')})",
     )
     up.add_argument("--epochs", type=float, help="default: the live version's num_epochs")
+    up.add_argument(
+        "--new-repeats",
+        type=int,
+        help="each new example this many times per epoch: with fewer --epochs, the new knowledge gets its passes "
+        f"and the replay and preservation fewer (default {_default('new_repeats')})",
+    )
     up.add_argument(
         "--learning-rate",
         type=float,

@@ -71,8 +71,13 @@ class JobsClient:
         eval_data: Path | None = None,
         model: str | None = None,
         max_steps: int | None = None,
+        preservation: bool = True,
     ) -> dict:
         body = read_json(config, "config file")
+        if not preservation:
+            if not isinstance(body, dict):
+                raise ScalpelError(f"{config.name}: a training config is a JSON object", param="config")
+            body = {**body, "preservation": False}  # beside the config's fields: train without base preservation
         params: dict[str, str | int] = {"dataset": self.upload(data)}
         if eval_data:
             params["eval_dataset"] = self.upload(eval_data)

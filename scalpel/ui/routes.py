@@ -63,6 +63,8 @@ def _eval_view(raw: dict[str, Any] | None) -> dict[str, Any] | None:
         "promoted": raw.get("promoted"),
         "reasons": raw.get("reasons") or [],
         "live_before": raw.get("live_before"),
+        "general": raw.get("general"),  # the general questions with known answers: passed, base_passed, total
+        "first_version": bool(raw.get("first_version")),  # published live with nothing earlier to gate against
     }
 
 

@@ -248,6 +248,10 @@ def test_live_version_marked_and_rollback_from_the_page(home, browser, tmp_path)
             assert "base agreement 97%" in browser.find_element(By.ID, "detail").text
 
             _screenshot(browser, tmp_path)
+            # The first version was published live with no gate: the page says so, with its general questions.
+            browser.find_element(By.CSS_SELECTOR, 'tr[data-version="v1"] .version-link').click()
+            _wait(browser, lambda d: "first version: published live" in d.find_element(By.ID, "detail").text)
+            assert "general questions" in browser.find_element(By.ID, "detail").text
 
             # The chat playground, on the live adapter.
             browser.find_element(By.ID, "chat-model").send_keys("tiny_a")

@@ -386,6 +386,9 @@ def test_a_concept_replayed_in_full_stays_replayed_in_full(tmp_path):
     # concepts are carried as at risk instead.
     assert first_emphasis(live, earlier, UpdateSettings()) == Emphasis()
     assert carried_concepts(live, earlier) == {"a", "b"}
+    # new_repeats: the new examples several times per epoch from the first candidate on.
+    assert first_emphasis(live, earlier, UpdateSettings(new_repeats=2)) == Emphasis(new_repeats=2)
+    assert first_emphasis(live, earlier, full.model_copy(update={"new_repeats": 3})) == Emphasis(3, ("a", "b"))
 
 
 def test_a_retry_leans_on_what_failed():

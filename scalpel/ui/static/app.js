@@ -269,13 +269,16 @@ async function renderDetail() {
   if (ev) {
     const rows = [];
     for (const [suite, r] of Object.entries(ev.suites)) {
-      rows.push(el("tr", { class: "suite" }, el("th", {}, suite), el("td", {}, pct(r.accuracy)), el("td", {}, suite in ev.retention ? pct(ev.retention[suite]) : "–")));
+      rows.push(el("tr", { class: "suite" }, el("th", {}, suite), el("td", {}, pct(r.accuracy)), el("td", {}, ev.retention && suite in ev.retention ? pct(ev.retention[suite]) : "–")));
       for (const [c, acc] of Object.entries(r.per_concept)) rows.push(el("tr", {}, el("td", { class: "concept" }, c), el("td", {}, pct(acc)), el("td", {})));
     }
     parts.push(el("table", { class: "scores" }, el("thead", {}, el("tr", {}, el("th", {}, "suite / concept"), el("th", {}, "accuracy"), el("th", {}, "retention"))), el("tbody", {}, rows)));
     const b = ev.base_regression;
     parts.push(el("p", {}, b ? `base agreement ${pct(b.agreement)} · perplexity change ${b.perplexity_change >= 0 ? "+" : ""}${pct(b.perplexity_change)}` : "no base-regression check"));
-    parts.push(el("p", { class: ev.promoted ? "ok" : "error" }, ev.promoted ? "gates passed: promoted" : `rejected: ${ev.reasons.join("; ")}`));
+    const g = ev.general;
+    if (g) parts.push(el("p", {}, `general questions ${g.passed}/${g.total} (the bare base: ${g.base_passed}/${g.total})`));
+    const verdict = ev.first_version ? "first version: published live (nothing earlier to gate against)" : "gates passed: promoted";
+    parts.push(el("p", { class: ev.promoted ? "ok" : "error" }, ev.promoted ? verdict : `rejected: ${ev.reasons.join("; ")}`));
   } else {
     parts.push(el("p", { class: "muted" }, "no gate evaluation (published without `scalpel update`)"));
   }

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from core import model_store
+from core import adapter_store, model_store
 from core.job_store import JobStore
 from scalpel.demo import BackgroundServer
 from scalpel.jobs.routes import served_jobs
@@ -220,6 +220,12 @@ def test_scalpel_jobs_cli(server, tmp_path, capsys):
     assert "already succeeded" in capsys.readouterr().err
     assert cli(["jobs", "list", "--url", "http://127.0.0.1:9"]) == 2
     assert "cannot reach" in capsys.readouterr().err
+    assert adapter_store.resolve("from_the_cli").manifest.preservation.enabled, "on by default"
+    config["output_dir"] = "./adapters/no_preservation"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    args = ["jobs", "start", str(tmp_path / "config.json"), "--data", str(data), "--max-steps", "2", "--watch"]
+    assert cli([*args, "--no-preservation", *url]) == 0
+    assert not adapter_store.resolve("no_preservation").manifest.preservation.enabled, "--no-preservation: off"
 
 
 def test_the_evening_update_over_http(server):
