@@ -400,8 +400,23 @@ def training_arguments(
         dataloader_pin_memory=torch.cuda.is_available(),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        **_on_cpu(precision),
         **_checkpointing(tc.gradient_checkpointing),
     )
+
+
+def _on_cpu(precision: str) -> dict:
+    """Without a GPU, bf16 trains on the CPU under autocast (AMX or AVX512-BF16 kernels where the CPU has them),
+    which the Trainer accepts only when told use_cpu; fp16 has no CPU path there, so it is refused by name."""
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        return {}
+    if precision == "fp16":
+        raise ScalpelError(
+            "training_config.precision: fp16 needs a GPU; on this machine use bf16 (with AMX or AVX512-BF16) or fp32",
+            param="training_config.precision",
+            code="precision_unsupported",
+        )
+    return {"use_cpu": True} if precision == "bf16" else {}
 
 
 def _ddp(seed: int) -> dict:

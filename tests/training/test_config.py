@@ -77,3 +77,15 @@ def test_malformed_json_names_line(tmp_path):
     with pytest.raises(ScalpelError) as err:
         load_config(bad)
     assert f"{bad}:4" in err.value.message
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU path: on a GPU both precisions train there")
+def test_bf16_trains_on_the_cpu_and_fp16_is_refused_by_name(plan_config_path, tmp_path):
+    raw = json.loads(plan_config_path.read_text())
+    bf16 = parse_config({**raw, "training_config": {**raw["training_config"], "precision": "bf16"}})
+    args = training_arguments(bf16, tmp_path, has_eval=False)  # the Trainer refuses bf16 on a CPU unless use_cpu
+    assert args.bf16 and args.use_cpu
+    fp16 = parse_config({**raw, "training_config": {**raw["training_config"], "precision": "fp16"}})
+    with pytest.raises(ScalpelError) as err:
+        training_arguments(fp16, tmp_path, has_eval=False)
+    assert err.value.param == "training_config.precision" and "needs a GPU" in str(err.value)
