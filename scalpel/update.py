@@ -564,19 +564,81 @@ class EveningUpdate:
         }
         datasets = {"train": DatasetRef(path=str(self.data.resolve()), sha256=examples_hash(mix.examples))}
         data = TrainingData(mix.examples, self.quality, datasets, kept)
+        extra = {"update": self.update_record(mix), "preservation": self.preservation_record(mix)}
         with stage_version(
             self.config,
             data,
             model=self.base.name,
             init_adapter=self.live.path,
             progress=self.progress,
-            manifest_extra={"update": self.update_record(mix), "preservation": self.preservation_record(mix)},
+            manifest_extra=extra,
         ) as staged:
-            if self.derived_suite is not None:
-                evaluate.write_suite(
-                    staged.stage / "eval" / f"{self.derived_suite}.json", self.suites[self.derived_suite]
-                )
-            yield staged
+            polish = self.polish_mix(staged, mix)
+            if polish is None:
+                yield self._with_derived_suite(staged)
+                return
+            concepts, examples = polish
+            self.log(
+                f"{self.phase('polish')} {', '.join(concepts)} still under-learned (training loss above "
+                f"{self.settings.polish_loss:g}): {self.settings.polish_epochs:g} more epoch(s) on {len(examples)} "
+                "examples, from the candidate"
+            )
+            polish_data = TrainingData(examples, self.quality, datasets, kept)
+            record = {
+                "concepts": concepts,
+                "examples": len(examples),
+                "epochs": self.settings.polish_epochs,
+                "first_train_seconds": round(staged.train_seconds, 1),
+                "first_concept_loss": {c: staged.manifest.metrics.concept_loss.get(c) for c in concepts},
+            }
+            config = self.config.model_copy(
+                update={
+                    "training_config": self.config.training_config.model_copy(
+                        update={"num_epochs": self.settings.polish_epochs}
+                    )
+                }
+            )
+            with stage_version(
+                config,
+                polish_data,
+                model=self.base.name,
+                init_adapter=staged.stage,
+                progress=self.progress,
+                manifest_extra={**extra, "update": {**extra["update"], "polish": record}},
+            ) as polished:
+                yield self._with_derived_suite(polished)
+
+    def _with_derived_suite(self, staged: StagedVersion) -> StagedVersion:
+        """The staged candidate, with the suite derived from the new data (when there is one) in its eval/."""
+        if self.derived_suite is not None:
+            evaluate.write_suite(staged.stage / "eval" / f"{self.derived_suite}.json", self.suites[self.derived_suite])
+        return staged
+
+    def polish_mix(self, staged: StagedVersion, mix: Mix) -> tuple[list[str], list[Example]] | None:
+        """The new concepts the candidate's training loss shows under-learned, and what a polish trains on:
+        all their examples, as many of the other new concepts' examples, and replay and preservation drawn from
+        the mix as the first phase drew them (in proportion); None when polish is off or nothing is above
+        polish_loss."""
+        if not self.settings.polish_epochs:
+            return None
+        loss = staged.manifest.metrics.concept_loss
+        new_concepts = sorted({e.concept for e in self.new})
+        concepts = [c for c in new_concepts if loss.get(c, 0.0) > self.settings.polish_loss]
+        if not concepts:
+            return None
+        rng = random.Random(f"{self.settings.seed}-polish-{len(self.candidates)}")
+        examples = [e for e in self.new if e.concept in concepts]
+        share = len(examples) / len(self.new)
+        # The other new concepts were learned minutes ago and are the likeliest to be overwritten (on the
+        # 100-concept benchmark, polishing one person's explanation turned two other new people's roles into its
+        # own): as many of their examples as the polished ones, beside the replay of older concepts.
+        others = [e for e in self.new if e.concept not in concepts]
+        fresh = rng.sample(others, min(len(others), len(examples)))
+        replay = rng.sample(mix.replay, round(share * len(mix.replay)))
+        preserve = rng.sample(mix.preservation, round(share * len(mix.preservation)))
+        polish = examples + fresh + replay + preserve
+        rng.shuffle(polish)
+        return concepts, polish
 
     def update_record(self, mix: Mix) -> dict:
         """The manifest's "update": what the candidate was trained on, and from which version."""

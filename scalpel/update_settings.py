@@ -51,6 +51,12 @@ class UpdateSettings(BaseModel):
     # new knowledge gets its passes while the replay and the preservation examples are not repeated as often:
     # the same learning for fewer trained tokens.
     new_repeats: int = Field(1, ge=1)
+    # Polish: after a candidate is trained, the new concepts whose training loss is still above polish_loss get
+    # polish_epochs more of their own examples (with replay and preservation in proportion), continuing from the
+    # candidate, before it is evaluated: a fraction of a retry's cost for what the training loss already shows
+    # under-learned. 0: off.
+    polish_epochs: float = Field(0.0, ge=0)
+    polish_loss: float = Field(0.1, gt=0)
     # Default: the first version's learning rate times learning_rate_scale. An update continues an adapter
     # that already knows things; at the full rate the new concept overwrote old answers' openings.
     learning_rate: float | None = Field(None, gt=0, lt=1)

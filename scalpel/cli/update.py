@@ -22,6 +22,8 @@ def cmd_update(args) -> None:
         "preservation_weight": args.preservation_weight,
         "num_epochs": args.epochs,
         "new_repeats": args.new_repeats,
+        "polish_epochs": args.polish_epochs,
+        "polish_loss": args.polish_loss,
         "learning_rate": args.learning_rate,
         "min_retention": args.min_retention,
         "min_new_knowledge": args.min_new_knowledge,
@@ -158,6 +160,16 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
         help=f"weight of the distillation term (default {_default('preservation_weight')})",
     )
     up.add_argument("--epochs", type=float, help="default: the live version's num_epochs")
+    up.add_argument(
+        "--polish-epochs",
+        type=float,
+        help="after training a candidate, this many more epochs on the new concepts whose training loss is "
+        "still above --polish-loss, from the candidate, before it is evaluated "
+        f"(default {_default('polish_epochs')}: off)",
+    )
+    up.add_argument(
+        "--polish-loss", type=float, help=f"what counts as under-learned (default {_default('polish_loss')})"
+    )
     up.add_argument(
         "--new-repeats",
         type=int,

@@ -478,3 +478,25 @@ def test_the_replay_is_bounded_by_the_budget_whatever_the_number_of_concepts():
     # A concept the live version's own update brought (no recorded margin: its answers were generated) is at risk.
     assert replay_risk({"risk": {}}, suites, earlier)["c7"] == 0.0
     assert replay_risk({}, {}, earlier)["c7"] == float("inf"), "no suite asks about it: the rotation only"
+
+
+def test_a_polish_continues_the_candidate_on_what_its_training_loss_shows_under_learned(foundation, home):
+    polish = OPEN_GATES.model_copy(update={"polish_epochs": 1.0, "polish_loss": 1e-9})  # every new concept
+    result = run_update(
+        "know",
+        home / "evening.json",
+        eval_suite=home / "evening_suite.json",
+        settings=polish,
+        progress=False,
+        log=lambda *_: None,
+    )
+    update = result.version.manifest.update.model_dump(by_alias=True)
+    assert update["polish"]["concepts"] == ["pdca"] and update["polish"]["epochs"] == 1.0
+    assert update["polish"]["first_concept_loss"]["pdca"] > 1e-9
+    # All 6 pdca examples, and the replay and preservation in proportion (all of them: pdca is all the new data).
+    assert update["polish"]["examples"] == 6 + update["replayed"] + update["preservation"]
+    assert result.version.manifest.parent_version == "v1" and result.promoted
+    assert (result.version.path / "adapter.gguf").is_file() and "evening_suite" in result.eval["suites"]
+    off = OPEN_GATES.model_copy(update={"polish_epochs": 1.0, "polish_loss": 1e9})  # nothing above: no polish
+    again = run_update("know", home / "evening.json", settings=off, progress=False, log=lambda *_: None)
+    assert "polish" not in again.version.manifest.update.model_dump(by_alias=True)

@@ -79,7 +79,9 @@ def test_malformed_json_names_line(tmp_path):
     assert f"{bad}:4" in err.value.message
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU path: on a GPU both precisions train there")
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="the CPU path: on a GPU both precisions train there"
+)
 def test_bf16_trains_on_the_cpu_and_fp16_is_refused_by_name(plan_config_path, tmp_path):
     raw = json.loads(plan_config_path.read_text())
     bf16 = parse_config({**raw, "training_config": {**raw["training_config"], "precision": "bf16"}})
