@@ -300,7 +300,12 @@ def training_mix(
             rng=rng,
         )
     sampled = {id(e) for e in replay}
-    replay += [e for e in earlier if e.concept in emphasis.replay_in_full and id(e) not in sampled]
+    in_full = [e for e in earlier if e.concept in emphasis.replay_in_full and id(e) not in sampled]
+    if settings.replay_budget is not None and len(in_full) > settings.replay_budget:
+        # A retry replays a forgotten suite's concepts in full; under a budget, at most the budget more of them.
+        rng.shuffle(in_full)
+        in_full = in_full[: settings.replay_budget]
+    replay += in_full
     preserve = preservation.sample(pool, len(new), settings.preservation(), rng, emphasis.preservation_scale)
     return new * emphasis.new_repeats, replay, preserve
 
@@ -587,6 +592,7 @@ class EveningUpdate:
             record = {
                 "concepts": concepts,
                 "examples": len(examples),
+                "sha256": examples_hash(examples),  # the polish's mix (datasets.train hashes the first phase's)
                 "epochs": self.settings.polish_epochs,
                 "first_train_seconds": round(staged.train_seconds, 1),
                 "first_concept_loss": {c: staged.manifest.metrics.concept_loss.get(c) for c in concepts},
@@ -606,6 +612,9 @@ class EveningUpdate:
                 progress=self.progress,
                 manifest_extra={**extra, "update": {**extra["update"], "polish": record}},
             ) as polished:
+                # The version's config is the update's, not the polish's epochs: the next update continues from
+                # it (update.polish.epochs says how long the polish was).
+                polished.manifest.config = staged.manifest.config
                 yield self._with_derived_suite(polished)
 
     def _with_derived_suite(self, staged: StagedVersion) -> StagedVersion:

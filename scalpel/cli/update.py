@@ -14,35 +14,7 @@ def cmd_update(args) -> None:
 
     if bool(args.data) == bool(args.inbox):
         raise ScalpelError("give either --data FILE (with an optional --eval) or --inbox DIR", param="data")
-    values = {
-        "replay_ratio": args.replay_ratio,
-        "replay_per_concept": args.replay_per_concept,
-        "preservation_ratio": args.preservation_ratio,
-        "preservation_loss": args.preservation_loss,
-        "preservation_weight": args.preservation_weight,
-        "num_epochs": args.epochs,
-        "new_repeats": args.new_repeats,
-        "polish_epochs": args.polish_epochs,
-        "polish_loss": args.polish_loss,
-        "learning_rate": args.learning_rate,
-        "min_retention": args.min_retention,
-        "min_new_knowledge": args.min_new_knowledge,
-        "min_base_agreement": args.min_base_agreement,
-        "max_perplexity_increase": args.max_perplexity_increase,
-        "relative_base_gate": args.relative_base_gate,
-        "max_candidates": args.candidates,
-        "max_update_seconds": args.max_seconds,
-        "keep_full_replay": args.keep_full_replay,
-        "replay_budget": args.replay_budget,
-        "risk_margin": args.risk_margin,
-        "retention_check": args.retention_check,
-    }
-    if args.no_replay_budget:
-        values["replay_budget"] = None
-    try:
-        settings = UpdateSettings(**{k: v for k, v in values.items() if v is not None})
-    except ValueError as exc:
-        raise ScalpelError(f"invalid update setting: {exc}", param="settings") from exc
+    settings = settings_from_args(args)
     if args.inbox:
         results = run_inbox(args.name, Path(args.inbox), settings=settings, attempts=args.attempts)
     else:
@@ -69,6 +41,41 @@ def cmd_update(args) -> None:
             )
         for reason in r.reasons:
             print(f"  gate failed: {reason}")
+
+
+def settings_from_args(args) -> UpdateSettings:
+    """The update's settings: the flags given, the defaults for the rest."""
+    values = {
+        "replay_ratio": args.replay_ratio,
+        "replay_per_concept": args.replay_per_concept,
+        "preservation_ratio": args.preservation_ratio,
+        "preservation_loss": args.preservation_loss,
+        "preservation_weight": args.preservation_weight,
+        "num_epochs": args.epochs,
+        "new_repeats": args.new_repeats,
+        "polish_epochs": args.polish_epochs,
+        "polish_loss": args.polish_loss,
+        "learning_rate": args.learning_rate,
+        "min_retention": args.min_retention,
+        "min_new_knowledge": args.min_new_knowledge,
+        "min_base_agreement": args.min_base_agreement,
+        "max_perplexity_increase": args.max_perplexity_increase,
+        "relative_base_gate": args.relative_base_gate,
+        "max_candidates": args.candidates,
+        "max_update_seconds": args.max_seconds,
+        "keep_full_replay": args.keep_full_replay,
+        "replay_budget": args.replay_budget,
+        "risk_margin": args.risk_margin,
+        "retention_check": args.retention_check,
+    }
+    given = {k: v for k, v in values.items() if v is not None}
+    if args.no_replay_budget:
+        given["replay_budget"] = None  # after the filter: None is what lifts the cap
+    try:
+        settings = UpdateSettings(**given)
+    except ValueError as exc:
+        raise ScalpelError(f"invalid update setting: {exc}", param="settings") from exc
+    return settings
 
 
 def _default(field: str) -> str:

@@ -59,3 +59,11 @@ def test_a_small_pool_is_replayed_whole():
     assert sorted(
         e.messages[0]["content"] for e in draw(pool, risk={"c0000": 9.0, "c0001": 9.0, "c0002": 9.0})
     ) == sorted(e.messages[0]["content"] for e in pool)
+
+
+def test_a_quarter_of_the_budget_stays_with_the_rotation():
+    pool = earlier(100)
+    risk = {f"c{c:04d}": 9.0 for c in range(50)}  # 50 safe, 50 never checked: at risk
+    sample = draw(pool, budget=24, risk=risk)
+    rotated = {e.concept for e in sample if risk.get(e.concept, 0.0) >= 2.0}
+    assert len(sample) == 24 and len(rotated) == 24 // 4, "18 for the concepts at risk, 6 from the rotation"

@@ -497,6 +497,46 @@ def test_a_polish_continues_the_candidate_on_what_its_training_loss_shows_under_
     assert update["polish"]["examples"] == 6 + update["replayed"] + update["preservation"]
     assert result.version.manifest.parent_version == "v1" and result.promoted
     assert (result.version.path / "adapter.gguf").is_file() and "evening_suite" in result.eval["suites"]
+    assert result.version.manifest.config["training_config"]["num_epochs"] == 3, "the update's epochs, not the polish's"
     off = OPEN_GATES.model_copy(update={"polish_epochs": 1.0, "polish_loss": 1e9})  # nothing above: no polish
     again = run_update("know", home / "evening.json", settings=off, progress=False, log=lambda *_: None)
     assert "polish" not in again.version.manifest.update.model_dump(by_alias=True)
+
+
+def test_update_flags_reach_the_settings_and_no_replay_budget_lifts_the_cap():
+    from scalpel.cli.main import build_parser
+    from scalpel.cli.update import settings_from_args
+
+    def settings(*flags):
+        return settings_from_args(build_parser().parse_args(["update", "know", "--data", "x.json", *flags]))
+
+    assert settings().replay_budget == UpdateSettings().replay_budget == 48
+    assert settings("--no-replay-budget").replay_budget is None
+    assert settings("--replay-budget", "12", "--risk-margin", "1.5").model_dump(
+        include={"replay_budget", "risk_margin"}
+    ) == {
+        "replay_budget": 12,
+        "risk_margin": 1.5,
+    }
+    assert settings("--retention-check", "generate", "--new-repeats", "2", "--polish-epochs", "1").model_dump(
+        include={"retention_check", "new_repeats", "polish_epochs"}
+    ) == {"retention_check": "generate", "new_repeats": 2, "polish_epochs": 1.0}
+    with pytest.raises(SystemExit):  # one or the other
+        settings("--replay-budget", "12", "--no-replay-budget")
+
+
+def test_a_retry_in_full_stays_within_the_budget():
+    def example(concept, i):
+        return Example(
+            [{"role": "user", "content": f"{concept} {i}"}, {"role": "assistant", "content": "x"}], concept, f"d[{i}]"
+        )
+
+    earlier = [example(f"c{k}", i) for k in range(10) for i in range(20)]
+    new = [example("n", i) for i in range(10)]
+    forgotten = Emphasis(replay_in_full=tuple(f"c{k}" for k in range(10)))  # 200 examples asked for in full
+    settings = UpdateSettings(preservation_ratio=0, replay_budget=30)
+    _, replay, _ = training_mix(new, earlier, [], settings, forgotten, random.Random(0), {})
+    assert len(replay) <= 2 * settings.replay_budget and len({id(e) for e in replay}) == len(replay)
+    unbounded = settings.model_copy(update={"replay_budget": None})
+    _, replay, _ = training_mix(new, earlier, [], unbounded, forgotten, random.Random(0), {})
+    assert len(replay) == 200, "without a budget, a retry replays the forgotten concepts whole"
