@@ -524,9 +524,11 @@ class EveningUpdate:
         # Seeded by the number of versions so far, so every candidate (a retry, the next evening, the same file
         # tried again on a later evening) replays different examples in a different order.
         rng = random.Random(f"{self.settings.seed}-{len(adapter_store.versions(self.live.path.parent))}")
-        risk = replay_risk(self.live_eval, self.suites, self.earlier)
-        if self.settings.keep_full_replay:
-            risk.update(dict.fromkeys(carried_concepts(self.live, self.earlier), 0.0))
+        risk = None  # only a budgeted replay spends by risk; without one, first_emphasis carries the fragile
+        if self.settings.replay_budget is not None:
+            risk = replay_risk(self.live_eval, self.suites, self.earlier)
+            if self.settings.keep_full_replay:
+                risk.update(dict.fromkeys(carried_concepts(self.live, self.earlier), 0.0))
         new, replay, preserve = training_mix(
             self.new, self.earlier, self.preservation, self.settings, emphasis, rng, risk
         )
@@ -549,8 +551,9 @@ class EveningUpdate:
 
     @contextlib.contextmanager
     def train(self, mix: Mix) -> Iterator[StagedVersion]:
-        """Train a candidate from the live version's weights on `mix`, and stage it: converted, in a staging
-        folder, with its manifest in memory. The folder is gone after the block unless publish moved it."""
+        """Train a candidate from the live version's weights on `mix` (then polish it, when polish finds new
+        concepts under-learned), and stage it: converted, in a staging folder, with its manifest in memory. The
+        folder is gone after the block unless publish moved it."""
         emphasis = mix.emphasis
         repeats = f" (each {emphasis.new_repeats} times)" if emphasis.new_repeats > 1 else ""
         in_full = f" (all of {', '.join(emphasis.replay_in_full)})" if emphasis.replay_in_full else ""
@@ -570,52 +573,55 @@ class EveningUpdate:
         datasets = {"train": DatasetRef(path=str(self.data.resolve()), sha256=examples_hash(mix.examples))}
         data = TrainingData(mix.examples, self.quality, datasets, kept)
         extra = {"update": self.update_record(mix), "preservation": self.preservation_record(mix)}
-        with stage_version(
-            self.config,
-            data,
-            model=self.base.name,
-            init_adapter=self.live.path,
-            progress=self.progress,
-            manifest_extra=extra,
-        ) as staged:
-            polish = self.polish_mix(staged, mix)
-            if polish is None:
-                yield self._with_derived_suite(staged)
-                return
-            concepts, examples = polish
-            self.log(
-                f"{self.phase('polish')} {', '.join(concepts)} still under-learned (training loss above "
-                f"{self.settings.polish_loss:g}): {self.settings.polish_epochs:g} more epoch(s) on {len(examples)} "
-                "examples, from the candidate"
-            )
-            polish_data = TrainingData(examples, self.quality, datasets, kept)
-            record = {
-                "concepts": concepts,
-                "examples": len(examples),
-                "sha256": examples_hash(examples),  # the polish's mix (datasets.train hashes the first phase's)
-                "epochs": self.settings.polish_epochs,
-                "first_train_seconds": round(staged.train_seconds, 1),
-                "first_concept_loss": {c: staged.manifest.metrics.concept_loss.get(c) for c in concepts},
-            }
-            config = self.config.model_copy(
-                update={
-                    "training_config": self.config.training_config.model_copy(
-                        update={"num_epochs": self.settings.polish_epochs}
-                    )
-                }
-            )
-            with stage_version(
-                config,
-                polish_data,
+        with (
+            stage_version(
+                self.config,
+                data,
                 model=self.base.name,
-                init_adapter=staged.stage,
+                init_adapter=self.live.path,
                 progress=self.progress,
-                manifest_extra={**extra, "update": {**extra["update"], "polish": record}},
-            ) as polished:
-                # The version's config is the update's, not the polish's epochs: the next update continues from
-                # it (update.polish.epochs says how long the polish was).
-                polished.manifest.config = staged.manifest.config
-                yield self._with_derived_suite(polished)
+                manifest_extra=extra,
+            ) as staged,
+            self.polish(staged, mix, data, extra) as final,
+        ):
+            yield self._with_derived_suite(final)
+
+    @contextlib.contextmanager
+    def polish(self, staged: StagedVersion, mix: Mix, data: TrainingData, extra: dict) -> Iterator[StagedVersion]:
+        """The candidate itself, or, when polish_mix finds new concepts under-learned, the candidate trained
+        polish_epochs more on them, from its own weights, staged beside it (`data` and `extra`: what the
+        candidate was staged with, whose kept files and records the polished one keeps)."""
+        polish = self.polish_mix(staged, mix)
+        if polish is None:
+            yield staged
+            return
+        concepts, examples = polish
+        self.log(
+            f"{self.phase('polish')} {', '.join(concepts)} still under-learned (training loss above "
+            f"{self.settings.polish_loss:g}): {self.settings.polish_epochs:g} more epoch(s) on {len(examples)} "
+            "examples, from the candidate"
+        )
+        record = {
+            "concepts": concepts,
+            "examples": len(examples),
+            "sha256": examples_hash(examples),  # the polish's mix (datasets.train hashes the first phase's)
+            "epochs": self.settings.polish_epochs,
+            "first_train_seconds": round(staged.train_seconds, 1),
+            "first_concept_loss": {c: staged.manifest.metrics.concept_loss.get(c) for c in concepts},
+        }
+        epochs = self.config.training_config.model_copy(update={"num_epochs": self.settings.polish_epochs})
+        with stage_version(
+            self.config.model_copy(update={"training_config": epochs}),
+            TrainingData(examples, data.quality, data.datasets, data.keep_files),
+            model=self.base.name,
+            init_adapter=staged.stage,
+            progress=self.progress,
+            manifest_extra={**extra, "update": {**extra["update"], "polish": record}},
+        ) as polished:
+            # The version's config is the update's, not the polish's epochs: the next update continues from
+            # it (update.polish.epochs says how long the polish was).
+            polished.manifest.config = staged.manifest.config
+            yield polished
 
     def _with_derived_suite(self, staged: StagedVersion) -> StagedVersion:
         """The staged candidate, with the suite derived from the new data (when there is one) in its eval/."""
