@@ -17,7 +17,7 @@ The knowledge is examples/evenings/ (a foundation and ten evenings) or a generat
 
     .venv/bin/python bench/evenings.py [--knowledge DIR] [--evenings N] [--out DIR] [--arms scalpel,naive]
                                        [--epochs 8] [--learning-rate LR] [--update-learning-rate LR]
-                                       [--update-epochs N] [--new-repeats N] [--polish-epochs N]
+                                       [--update-epochs N] [--new-repeats N] [--polish-epochs N] [--repair-epochs N]
                                        [--max-seconds 450] [--replay-budget N]
                                        [--preservation-ratio R] [--preservation-loss distill|answers]
                                        [--preservation-weight W] [--candidates N] [--paraphrase-every N] [--fresh]
@@ -714,6 +714,7 @@ def main() -> None:
     parser.add_argument("--update-epochs", type=float, help="every update's num_epochs (default: --epochs)")
     parser.add_argument("--new-repeats", type=int, help="the scalpel arm's new_repeats (default: as shipped)")
     parser.add_argument("--polish-epochs", type=float, help="the scalpel arm's polish_epochs (default: as shipped)")
+    parser.add_argument("--repair-epochs", type=float, help="the scalpel arm's repair_epochs (default: as shipped)")
     parser.add_argument(
         "--max-seconds",
         type=float,
@@ -761,6 +762,7 @@ def main() -> None:
                 "update_epochs",
                 "new_repeats",
                 "polish_epochs",
+                "repair_epochs",
                 "max_seconds",
                 "replay_budget",
                 "preservation_ratio",
@@ -806,6 +808,7 @@ def main() -> None:
             **({"replay_budget": args.replay_budget} if args.replay_budget is not None else {}),
             **({"new_repeats": args.new_repeats} if args.new_repeats else {}),
             **({"polish_epochs": args.polish_epochs} if args.polish_epochs is not None else {}),
+            **({"repair_epochs": args.repair_epochs} if args.repair_epochs is not None else {}),
         ),
         "naive": UpdateSettings(**recipe, gates=False, replay_ratio=0, replay_per_concept=0, preservation_ratio=0),
     }

@@ -172,11 +172,22 @@ def gate_decision(failed: GateFailures, settings: UpdateSettings) -> list[str]:
     for suite in failed.under_learned:
         concepts = ", ".join(sorted({a["concept"] for a in suite.answers if not a["passed"]}))
         reasons.append(
-            f"new knowledge {suite.name}: {suite.accuracy:.0%} < {settings.min_new_knowledge:.0%} (failed: {concepts})"
+            f"new knowledge {suite.name}: {_below(suite.accuracy, settings.min_new_knowledge)} < "
+            f"{settings.min_new_knowledge:.0%} (failed: {concepts})"
         )
     for name, kept in failed.forgotten.items():
-        reasons.append(f"retention {name}: {kept:.0%} of what the live version knew < {settings.min_retention:.0%}")
+        reasons.append(
+            f"retention {name}: {_below(kept, settings.min_retention)} of what the live version knew < "
+            f"{settings.min_retention:.0%}"
+        )
     return reasons + failed.base
+
+
+def _below(share: float, floor: float) -> str:
+    """A share under its floor, in whole percent unless that would round it up to the floor (18 of 19 right is
+    94.7%, not "95% < 95%")."""
+    shown = f"{share:.0%}"
+    return f"{share:.1%}" if shown == f"{floor:.0%}" else shown
 
 
 def base_gate(base: evaluate.BaseRegression | None, settings: UpdateSettings, live_base: dict) -> list[str]:
@@ -348,6 +359,7 @@ class Verdict:
     reasons: list[str]  # every gate it failed, in words; none: it is promoted
     lean_next: Emphasis  # what a retry after it leans on
     outcome: dict  # its manifest's "eval": the scores, the retention, the decision and why
+    failed: GateFailures  # which gates it failed: a repair aims at the under-learned concepts
 
     @property
     def promoted(self) -> bool:
@@ -511,11 +523,13 @@ class EveningUpdate:
             emphasis = candidate.verdict.lean_next
 
     def try_candidate(self, mix: Mix) -> Candidate:
-        """One candidate through every phase after plan_mix."""
+        """One candidate through every phase after plan_mix, with a repair before publish when it fell short
+        only on new knowledge."""
         started = time.time()
         with self.train(mix) as staged:
-            verdict = self.decide(*self.evaluate(staged), mix.emphasis)
-            version = self.publish(staged, verdict)
+            first = self.decide(*self.evaluate(staged), mix.emphasis)
+            with self.repair(staged, mix, first, started) as (final, verdict):
+                version = self.publish(final, verdict)
         self.candidates.append(Candidate(version, mix, verdict, time.time() - started))
         return self.candidates[-1]
 
@@ -563,16 +577,7 @@ class EveningUpdate:
             f"{len(mix.replay)} replayed from {len(self.chain)} version(s){in_full}, "
             f"{len(mix.preservation)} base-preservation examples; continuing from {self.live.ref}"
         )
-        # The mix is handed to training in memory, so there is no file to name: the manifest names the new data
-        # it was drawn from, with the hash of the mix as trained (two candidates on one file differ). The version
-        # keeps the new data and its suite, not the mix: later updates replay a version's own new data.
-        kept = {
-            f"data/train{self.data.suffix or '.json'}": self.data,
-            **({f"eval/{self.eval_suite.name}": self.eval_suite} if self.eval_suite else {}),
-        }
-        datasets = {"train": DatasetRef(path=str(self.data.resolve()), sha256=examples_hash(mix.examples))}
-        data = TrainingData(mix.examples, self.quality, datasets, kept)
-        extra = {"update": self.update_record(mix), "preservation": self.preservation_record(mix)}
+        data, extra = self.staging(mix)
         with (
             stage_version(
                 self.config,
@@ -582,15 +587,28 @@ class EveningUpdate:
                 progress=self.progress,
                 manifest_extra=extra,
             ) as staged,
-            self.polish(staged, mix, data, extra) as final,
+            self.polish(staged, mix) as final,
         ):
             yield self._with_derived_suite(final)
 
+    def staging(self, mix: Mix) -> tuple[TrainingData, dict]:
+        """What a candidate on `mix` is staged with: its training data, the files its version keeps, and its
+        manifest's records of the update and the preservation."""
+        # The mix is handed to training in memory, so there is no file to name: the manifest names the new data
+        # it was drawn from, with the hash of the mix as trained (two candidates on one file differ). The version
+        # keeps the new data and its suite, not the mix: later updates replay a version's own new data.
+        kept = {
+            f"data/train{self.data.suffix or '.json'}": self.data,
+            **({f"eval/{self.eval_suite.name}": self.eval_suite} if self.eval_suite else {}),
+        }
+        datasets = {"train": DatasetRef(path=str(self.data.resolve()), sha256=examples_hash(mix.examples))}
+        data = TrainingData(mix.examples, self.quality, datasets, kept)
+        return data, {"update": self.update_record(mix), "preservation": self.preservation_record(mix)}
+
     @contextlib.contextmanager
-    def polish(self, staged: StagedVersion, mix: Mix, data: TrainingData, extra: dict) -> Iterator[StagedVersion]:
+    def polish(self, staged: StagedVersion, mix: Mix) -> Iterator[StagedVersion]:
         """The candidate itself, or, when polish_mix finds new concepts under-learned, the candidate trained
-        polish_epochs more on them, from its own weights, staged beside it (`data` and `extra`: what the
-        candidate was staged with, whose kept files and records the polished one keeps)."""
+        polish_epochs more on them, from its own weights, staged beside it."""
         polish = self.polish_mix(staged, mix)
         if polish is None:
             yield staged
@@ -609,19 +627,74 @@ class EveningUpdate:
             "first_train_seconds": round(staged.train_seconds, 1),
             "first_concept_loss": {c: staged.manifest.metrics.concept_loss.get(c) for c in concepts},
         }
-        epochs = self.config.training_config.model_copy(update={"num_epochs": self.settings.polish_epochs})
+        with self.continued(staged, mix, examples, "polish", record, {"num_epochs": self.settings.polish_epochs}) as (
+            polished
+        ):
+            yield polished
+
+    @contextlib.contextmanager
+    def repair(
+        self, staged: StagedVersion, mix: Mix, verdict: Verdict, started: float
+    ) -> Iterator[tuple[StagedVersion, Verdict]]:
+        """The candidate and its verdict, or, when it failed only the new-knowledge gate and a repair fits in
+        the time left, the candidate trained repair_epochs more on the new concepts it answered wrong, from its
+        own weights, at repair_rate_scale times the rate, and judged again."""
+        failed = verdict.failed
+        wrong = sorted({a["concept"] for s in failed.under_learned for a in s.answers if not a["passed"]})
+        if not self.settings.repair_epochs or not wrong or failed.forgotten or failed.base:
+            yield staged, verdict
+            return
+        examples = self.focus_mix(wrong, mix, "repair")
+        epochs = self.config.training_config.num_epochs
+        # The training scales with examples x epochs; conversion and evaluation cost what the candidate's did.
+        training = staged.train_seconds * len(examples) * self.settings.repair_epochs / (len(mix.examples) * epochs)
+        estimate = time.time() - started - staged.train_seconds + training
+        if time.time() - self.begun + estimate > self.settings.max_update_seconds:
+            self.log(
+                f"{self.phase('repair')} no repair: it would take about {estimate:.0f} s, past the "
+                f"{self.settings.max_update_seconds:.0f} s an update may take"
+            )
+            yield staged, verdict
+            return
+        rate = self.config.training_config.learning_rate * self.settings.repair_rate_scale
+        self.log(
+            f"{self.phase('repair')} {', '.join(wrong)} answered wrong: {self.settings.repair_epochs:g} more "
+            f"epoch(s) on {len(examples)} examples at learning rate {rate:.2g}, from the candidate"
+        )
+        record = {
+            "concepts": wrong,
+            "examples": len(examples),
+            "sha256": examples_hash(examples),
+            "epochs": self.settings.repair_epochs,
+            "learning_rate": rate,
+            "first_reasons": verdict.reasons,  # what the candidate failed before it
+        }
+        overrides = {"num_epochs": self.settings.repair_epochs, "learning_rate": rate}
+        with self.continued(staged, mix, examples, "repair", record, overrides) as repaired:
+            repaired = self._with_derived_suite(repaired)
+            yield repaired, self.decide(*self.evaluate(repaired), mix.emphasis)
+
+    @contextlib.contextmanager
+    def continued(
+        self, staged: StagedVersion, mix: Mix, examples: list[Example], phase: str, record: dict, overrides: dict
+    ) -> Iterator[StagedVersion]:
+        """`staged` trained further on `examples` from its own weights (`overrides`: of its training config),
+        staged beside it, with the candidate's kept files and records; the manifest's update.<phase> says how."""
+        data, extra = self.staging(mix)
+        update = staged.manifest.update.model_dump(mode="json", by_alias=True) if staged.manifest.update else {}
+        training = self.config.training_config.model_copy(update=overrides)
         with stage_version(
-            self.config.model_copy(update={"training_config": epochs}),
+            self.config.model_copy(update={"training_config": training}),
             TrainingData(examples, data.quality, data.datasets, data.keep_files),
             model=self.base.name,
             init_adapter=staged.stage,
             progress=self.progress,
-            manifest_extra={**extra, "update": {**extra["update"], "polish": record}},
-        ) as polished:
-            # The version's config is the update's, not the polish's epochs: the next update continues from
-            # it (update.polish.epochs says how long the polish was).
-            polished.manifest.config = staged.manifest.config
-            yield polished
+            manifest_extra={**extra, "update": {**extra["update"], **update, phase: record}},
+        ) as further:
+            # The version's config is the update's, not this phase's epochs: the next update continues from it
+            # (update.<phase>.epochs says how long it trained).
+            further.manifest.config = staged.manifest.config
+            yield further
 
     def _with_derived_suite(self, staged: StagedVersion) -> StagedVersion:
         """The staged candidate, with the suite derived from the new data (when there is one) in its eval/."""
@@ -630,10 +703,8 @@ class EveningUpdate:
         return staged
 
     def polish_mix(self, staged: StagedVersion, mix: Mix) -> tuple[list[str], list[Example]] | None:
-        """The new concepts the candidate's training loss shows under-learned, and what a polish trains on:
-        all their examples, as many of the other new concepts' examples, and replay and preservation drawn from
-        the mix as the first phase drew them (in proportion); None when polish is off or nothing is above
-        polish_loss."""
+        """The new concepts the candidate's training loss shows under-learned, and what a polish trains on
+        (focus_mix); None when polish is off or nothing is above polish_loss."""
         if not self.settings.polish_epochs:
             return None
         loss = staged.manifest.metrics.concept_loss
@@ -641,19 +712,24 @@ class EveningUpdate:
         concepts = [c for c in new_concepts if loss.get(c, 0.0) > self.settings.polish_loss]
         if not concepts:
             return None
-        rng = random.Random(f"{self.settings.seed}-polish-{len(self.candidates)}")
+        return concepts, self.focus_mix(concepts, mix, "polish")
+
+    def focus_mix(self, concepts: list[str], mix: Mix, salt: str) -> list[Example]:
+        """What a polish or a repair of `concepts` trains on: all their new examples, as many of the other new
+        concepts' examples, and replay and preservation drawn from the candidate's mix in proportion."""
+        rng = random.Random(f"{self.settings.seed}-{salt}-{len(self.candidates)}")
         examples = [e for e in self.new if e.concept in concepts]
         share = len(examples) / len(self.new)
         # The other new concepts were learned minutes ago and are the likeliest to be overwritten (on the
         # 100-concept benchmark, polishing one person's explanation turned two other new people's roles into its
-        # own): as many of their examples as the polished ones, beside the replay of older concepts.
+        # own): as many of their examples as the focused ones, beside the replay of older concepts.
         others = [e for e in self.new if e.concept not in concepts]
         fresh = rng.sample(others, min(len(others), len(examples)))
         replay = rng.sample(mix.replay, round(share * len(mix.replay)))
         preserve = rng.sample(mix.preservation, round(share * len(mix.preservation)))
-        polish = examples + fresh + replay + preserve
-        rng.shuffle(polish)
-        return concepts, polish
+        focus = examples + fresh + replay + preserve
+        rng.shuffle(focus)
+        return focus
 
     def update_record(self, mix: Mix) -> dict:
         """The manifest's "update": what the candidate was trained on, and from which version."""
@@ -702,7 +778,8 @@ class EveningUpdate:
         return Verdict(
             reasons,
             lean_next,
-            {
+            failed=failed,
+            outcome={
                 **report.as_dict(),
                 "retention": failed.retention,
                 "gates": self.settings.model_dump(),

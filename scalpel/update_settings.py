@@ -57,6 +57,12 @@ class UpdateSettings(BaseModel):
     # under-learned. 0: off.
     polish_epochs: float = Field(0.0, ge=0)
     polish_loss: float = Field(0.1, gt=0)
+    # Repair: a candidate that fails only the new-knowledge gate (nothing forgotten, the base intact) is trained
+    # repair_epochs more, from its own weights, on the new concepts it answered wrong (with as many of the other
+    # new concepts' examples, and replay and preservation in proportion), at repair_rate_scale times the update's
+    # learning rate, and evaluated again: a fraction of a retry from the live version. 0: off.
+    repair_epochs: float = Field(0.0, ge=0)
+    repair_rate_scale: float = Field(1 / 3, gt=0, le=1)
     # Default: the first version's learning rate times learning_rate_scale. An update continues an adapter
     # that already knows things; at the full rate the new concept overwrote old answers' openings.
     learning_rate: float | None = Field(None, gt=0, lt=1)

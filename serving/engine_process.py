@@ -55,7 +55,10 @@ def _child(conn, base: ModelEntry, settings: EngineSettings, versions: list[adap
 
     def send(message: tuple) -> None:
         with send_lock:
-            conn.send(message)
+            try:
+                conn.send(message)
+            except OSError:  # the front end is gone (closed or dead): there is nobody left to tell
+                pass
 
     engine = Engine(base, settings)
     for version in versions:

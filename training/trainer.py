@@ -246,12 +246,15 @@ def concept_losses(
     """Mean loss on answer tokens per concept (token-weighted).
 
     Rows of similar length are scored together (sorted by length, so little padding is computed), and each
-    token's loss is summed into its own row's concept: padding is masked out of attention and of the sums.
+    token's loss is summed into its own row's concept: padding is masked out of attention and of the sums. A row
+    repeated in the training set (an update's new examples, `new_repeats` times) is scored once: the loss of
+    a concept is the mean over the tokens of its distinct rows.
     """
     device = next(model.parameters()).device
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
-    ordered = sorted(rows, key=lambda r: len(r["input_ids"]))
+    unique = {(r["concept"], tuple(r["input_ids"]), tuple(r["labels"])): r for r in rows}
+    ordered = sorted(unique.values(), key=lambda r: len(r["input_ids"]))
     batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
     was_training = model.training
     model.eval()

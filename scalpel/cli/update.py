@@ -55,6 +55,8 @@ def settings_from_args(args) -> UpdateSettings:
         "new_repeats": args.new_repeats,
         "polish_epochs": args.polish_epochs,
         "polish_loss": args.polish_loss,
+        "repair_epochs": args.repair_epochs,
+        "repair_rate_scale": args.repair_rate_scale,
         "learning_rate": args.learning_rate,
         "min_retention": args.min_retention,
         "min_new_knowledge": args.min_new_knowledge,
@@ -176,6 +178,18 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
     )
     up.add_argument(
         "--polish-loss", type=float, help=f"what counts as under-learned (default {_default('polish_loss')})"
+    )
+    up.add_argument(
+        "--repair-epochs",
+        type=float,
+        help="a candidate that fails only the new-knowledge gate is trained this many more epochs on the new "
+        "concepts it answered wrong, from its own weights, and judged again "
+        f"(default {_default('repair_epochs')}: off)",
+    )
+    up.add_argument(
+        "--repair-rate-scale",
+        type=float,
+        help=f"the repair's learning rate, times the update's (default {UpdateSettings().repair_rate_scale:.3g})",
     )
     up.add_argument(
         "--new-repeats",

@@ -17,14 +17,16 @@ import pytest
 from core import adapter_store
 from core.errors import ConflictError, ScalpelError
 from scalpel.cli.main import main
-from scalpel.evaluate import EvalItem
+from scalpel.evaluate import EvalItem, SuiteResult
 from scalpel.publish import train_and_publish
 from scalpel.update import (
     Emphasis,
+    GateFailures,
     UpdateSettings,
     carried_concepts,
     failed_gates,
     first_emphasis,
+    gate_decision,
     replay_risk,
     replay_sample,
     retry_emphasis,
@@ -253,7 +255,7 @@ def test_an_update_of_a_copied_adapter_stays_in_its_own_folder(foundation, home)
 
 def test_gates_judge_retention_against_the_live_version():
     from scalpel.evaluate import BaseRegression, EvalReport, SuiteResult
-    from scalpel.update import gate_decision, retention
+    from scalpel.update import retention
 
     def answers(*passed):
         return [{"question": f"q{i}", "concept": "c", "answer": "", "passed": p} for i, p in enumerate(passed)]
@@ -503,6 +505,47 @@ def test_a_polish_continues_the_candidate_on_what_its_training_loss_shows_under_
     assert "polish" not in again.version.manifest.update.model_dump(by_alias=True)
 
 
+def test_a_repair_trains_the_candidate_further_on_the_new_concepts_it_answered_wrong(foundation, home):
+    impossible = write(
+        home / "impossible.json",
+        [{"question": "What is PDCA?", "concept": "pdca", "required": ["a phrase the model never says"]}],
+    )
+    lines: list[str] = []
+    gates = {"max_candidates": 1, "min_base_agreement": 0.0, "max_perplexity_increase": 100.0, "repair_epochs": 1.0}
+    result = run_update(
+        "know",
+        home / "evening.json",
+        eval_suite=impossible,
+        settings=UpdateSettings(**gates),
+        progress=False,
+        log=lines.append,
+    )
+    assert not result.promoted and adapter_store.versions(foundation) == ["v1", "v2"], "one candidate, repaired"
+    manifest = result.version.manifest
+    repair = manifest.update.model_dump(by_alias=True)["repair"]
+    assert repair["concepts"] == ["pdca"] and repair["epochs"] == 1.0
+    assert repair["first_reasons"][0].startswith("new knowledge impossible: 0%")
+    assert repair["learning_rate"] == pytest.approx(3e-2 / 3 / 3), "a third of the update's rate"
+    # All 6 pdca examples, and the replay and preservation in proportion (all of them: pdca is all the new data).
+    assert repair["examples"] == 6 + manifest.update.replayed + manifest.update.preservation
+    assert manifest.config["training_config"]["num_epochs"] == 3, "the update's epochs, not the repair's"
+    assert manifest.eval["reasons"][0].startswith("new knowledge impossible"), "the repaired one was judged"
+    assert (result.version.path / "eval" / "impossible.json").is_file() and any(
+        "[candidate 1/1: repair]" in x for x in lines
+    )
+    # No repair where it would not fit in the time an update may take, or where it is off.
+    hurried = run_update(
+        "know",
+        home / "evening.json",
+        eval_suite=impossible,
+        progress=False,
+        log=lines.append,
+        settings=UpdateSettings(**{**gates, "max_update_seconds": 0.5}),
+    )
+    assert "repair" not in hurried.version.manifest.update.model_dump(by_alias=True)
+    assert any(x.endswith("past the 0 s an update may take") and "no repair" in x for x in lines)
+
+
 def test_update_flags_reach_the_settings_and_no_replay_budget_lifts_the_cap():
     from scalpel.cli.main import build_parser
     from scalpel.cli.update import settings_from_args
@@ -521,6 +564,9 @@ def test_update_flags_reach_the_settings_and_no_replay_budget_lifts_the_cap():
     assert settings("--retention-check", "generate", "--new-repeats", "2", "--polish-epochs", "1").model_dump(
         include={"retention_check", "new_repeats", "polish_epochs"}
     ) == {"retention_check": "generate", "new_repeats": 2, "polish_epochs": 1.0}
+    assert settings("--repair-epochs", "2", "--repair-rate-scale", "0.5").model_dump(
+        include={"repair_epochs", "repair_rate_scale"}
+    ) == {"repair_epochs": 2.0, "repair_rate_scale": 0.5}
     with pytest.raises(SystemExit):  # one or the other
         settings("--replay-budget", "12", "--no-replay-budget")
 
@@ -540,3 +586,15 @@ def test_a_retry_in_full_stays_within_the_budget():
     unbounded = settings.model_copy(update={"replay_budget": None})
     _, replay, _ = training_mix(new, earlier, [], unbounded, forgotten, random.Random(0), {})
     assert len(replay) == 200, "without a budget, a retry replays the forgotten concepts whole"
+
+
+def test_a_gate_reason_never_rounds_a_miss_up_to_its_floor():
+    answers = [{"concept": "a" if i else "b", "passed": bool(i)} for i in range(19)]  # 18 of 19 right
+    failed = GateFailures({"old": 0.949}, [SuiteResult("new", answers)], {"old": 0.949}, [])
+    reasons = gate_decision(failed, UpdateSettings())
+    assert reasons == [
+        "new knowledge new: 94.7% < 95% (failed: b)",
+        "retention old: 94.9% of what the live version knew < 95%",
+    ]
+    failed = GateFailures({"old": 0.5}, [SuiteResult("new", answers[:2])], {"old": 0.5}, [])
+    assert gate_decision(failed, UpdateSettings())[0].startswith("new knowledge new: 50% < 95%"), "whole percent"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from training.trainer import balance_by_concept
 
 
@@ -173,3 +175,5 @@ def test_loss_per_concept_in_batches_equals_one_example_at_a_time(tiny_llama):
     assert batched.keys() == alone.keys() == {"c0", "c1"}
     for concept in batched:
         assert abs(batched[concept] - alone[concept]) < 1e-4
+    repeated = concept_losses(model, rows + [dict(r) for r in rows[:3]], collate, batch_size=4)  # a row twice
+    assert repeated == pytest.approx(batched, abs=1e-6), "repeated rows are scored once"
