@@ -11,12 +11,15 @@
    gate passes; otherwise the current version stays live and the manifest says why.
 4. When a candidate fails and the time allows, train one more from the live version, leaning on what failed:
    the forgotten concepts replayed in full, the under-learned new examples repeated, or more preservation.
+   With repair_epochs, a candidate that failed only on new knowledge is first trained a little further on
+   the concepts it answered wrong and judged again (EveningUpdate.repair).
 5. Unattended (run_inbox), a knowledge file that was not promoted stays in the inbox and is tried again on
    the next evening, a few times, before it is set aside.
 
 EveningUpdate does one update (run_update) phase by phase, each candidate through plan_mix -> train (into a
-staging folder) -> evaluate -> decide -> publish; whether a candidate goes live is decided by decide and done by
-publish, nowhere else. The module's functions are its pure parts: the replay sample, the mix, the gates.
+staging folder) -> evaluate -> decide -> [repair -> evaluate -> decide] -> publish; whether a candidate goes live
+is decided by decide and done by publish, nowhere else. The module's functions are its pure parts: the replay
+sample, the mix, the gates.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import random
 import time
@@ -36,8 +40,9 @@ from core import adapter_store, model_store, paths
 from core.atomic import read_json, sha256_file, write_json
 from core.errors import ConflictError, ScalpelError
 from core.manifest import DatasetRef
-from scalpel import evaluate, preservation
+from scalpel import evaluate, paraphrase, preservation
 from scalpel.evaluate import EvalItem, EvalReport
+from scalpel.paraphrase import ParaphraseSettings
 from scalpel.preservation import PRESERVATION_CONCEPT
 from scalpel.preservation import preservation_examples as preservation_examples  # re-exported: bench/evenings.py
 from scalpel.publish import StagedVersion, TrainingData, publish_staged, stage_version
@@ -184,10 +189,10 @@ def gate_decision(failed: GateFailures, settings: UpdateSettings) -> list[str]:
 
 
 def _below(share: float, floor: float) -> str:
-    """A share under its floor, in whole percent unless that would round it up to the floor (18 of 19 right is
-    94.7%, not "95% < 95%")."""
+    """A share under its floor, in whole percent unless that would round it up to the floor: then cut, not
+    rounded, to a tenth (18 of 19 right is 94.7%, not "95% < 95%")."""
     shown = f"{share:.0%}"
-    return f"{share:.1%}" if shown == f"{floor:.0%}" else shown
+    return f"{math.floor(share * 1000 + 1e-9) / 10:.1f}%" if shown == f"{floor:.0%}" else shown
 
 
 def base_gate(base: evaluate.BaseRegression | None, settings: UpdateSettings, live_base: dict) -> list[str]:
@@ -290,8 +295,10 @@ def training_mix(
     emphasis: Emphasis,
     rng: random.Random,
     risk: dict[str, float] | None = None,
+    rewrites: dict[str, list[str]] | None = None,
 ) -> tuple[list[Example], list[Example], list[Example]]:
     """One candidate's training data: (the new examples, repeated as emphasised; the replay; the preservation).
+    With `rewrites` (answer -> paraphrased questions), the repeats are asked in other words, at least two.
 
     Under a replay budget, as many examples as replay_sample would take, but at most the budget, spent by
     budget_replay on the concepts at risk (`risk`, from replay_risk) first.
@@ -318,6 +325,8 @@ def training_mix(
         in_full = in_full[: settings.replay_budget]
     replay += in_full
     preserve = preservation.sample(pool, len(new), settings.preservation(), rng, emphasis.preservation_scale)
+    if rewrites and any(rewrites.values()):
+        return paraphrase.repeats_in_other_words(new, max(emphasis.new_repeats, 2), rewrites), replay, preserve
     return new * emphasis.new_repeats, replay, preserve
 
 
@@ -374,7 +383,8 @@ class Candidate:
     version: adapter_store.AdapterVersion
     mix: Mix
     verdict: Verdict
-    seconds: float  # training, conversion, evaluation and publishing: what the next candidate's estimate scales
+    seconds: float  # training, conversion, evaluation, any repair, and publishing
+    first_seconds: float  # the same up to its first verdict, without a repair: what a retry's estimate scales
 
     def as_dict(self) -> dict:
         """Its entry in UpdateResult.candidates."""
@@ -419,6 +429,7 @@ class EveningUpdate:
     # version, so later updates check it is retained, but not gated as new knowledge (its facts are guessed).
     derived_suite: str | None
     live_eval: dict  # the live version's scores: retention is relative to them
+    rewrites: dict[str, list[str]] = field(default_factory=dict)  # new answer -> its paraphrased questions
     candidates: list[Candidate] = field(default_factory=list)
 
     @classmethod
@@ -459,6 +470,16 @@ class EveningUpdate:
         engine = EngineProcess(base)
         try:
             pool = preservation.preservation_pool(engine) if settings.preservation_ratio else []
+            rewrites = {}
+            if settings.paraphrases:
+                drawn = paraphrase.paraphrase(
+                    engine,
+                    new,
+                    ParaphraseSettings(per_answer=settings.paraphrases, seed=settings.seed),
+                    progress=progress,
+                    log=log,
+                )
+                rewrites = paraphrase.kept(drawn)
             suites: dict[str, list[EvalItem]] = {}
             for v in reversed(chain):  # oldest first, as the knowledge was added
                 for f in sorted(v.path.glob("eval/*.json")):
@@ -495,6 +516,7 @@ class EveningUpdate:
             new_suite=new_suite,
             derived_suite=derived_suite,
             live_eval=live_eval,
+            rewrites=rewrites,
         )
 
     def __enter__(self) -> EveningUpdate:
@@ -527,10 +549,12 @@ class EveningUpdate:
         only on new knowledge."""
         started = time.time()
         with self.train(mix) as staged:
+            trained = time.time()
             first = self.decide(*self.evaluate(staged), mix.emphasis)
-            with self.repair(staged, mix, first, started) as (final, verdict):
+            judged = time.time()
+            with self.repair(staged, mix, first, judged - trained) as (final, verdict):
                 version = self.publish(final, verdict)
-        self.candidates.append(Candidate(version, mix, verdict, time.time() - started))
+        self.candidates.append(Candidate(version, mix, verdict, time.time() - started, judged - started))
         return self.candidates[-1]
 
     def plan_mix(self, emphasis: Emphasis) -> Mix:
@@ -544,7 +568,7 @@ class EveningUpdate:
             if self.settings.keep_full_replay:
                 risk.update(dict.fromkeys(carried_concepts(self.live, self.earlier), 0.0))
         new, replay, preserve = training_mix(
-            self.new, self.earlier, self.preservation, self.settings, emphasis, rng, risk
+            self.new, self.earlier, self.preservation, self.settings, emphasis, rng, risk, self.rewrites
         )
         examples = new + replay + preserve
         rng.shuffle(examples)
@@ -554,7 +578,7 @@ class EveningUpdate:
         """Whether a candidate on `mix` would end within max_update_seconds, estimated from the last one's time
         per training example."""
         last = self.candidates[-1]
-        estimate = last.seconds * len(mix.examples) / len(last.mix.examples)
+        estimate = last.first_seconds * len(mix.examples) / len(last.mix.examples)
         if time.time() - self.begun + estimate <= self.settings.max_update_seconds:
             return True
         self.log(
@@ -634,21 +658,26 @@ class EveningUpdate:
 
     @contextlib.contextmanager
     def repair(
-        self, staged: StagedVersion, mix: Mix, verdict: Verdict, started: float
+        self, staged: StagedVersion, mix: Mix, verdict: Verdict, evaluation_seconds: float
     ) -> Iterator[tuple[StagedVersion, Verdict]]:
         """The candidate and its verdict, or, when it failed only the new-knowledge gate and a repair fits in
         the time left, the candidate trained repair_epochs more on the new concepts it answered wrong, from its
         own weights, at repair_rate_scale times the rate, and judged again."""
         failed = verdict.failed
-        wrong = sorted({a["concept"] for s in failed.under_learned for a in s.answers if not a["passed"]})
+        taught = {e.concept for e in self.new}  # a suite may ask about a concept the new data does not teach
+        wrong = sorted({a["concept"] for s in failed.under_learned for a in s.answers if not a["passed"]} & taught)
         if not self.settings.repair_epochs or not wrong or failed.forgotten or failed.base:
             yield staged, verdict
             return
         examples = self.focus_mix(wrong, mix, "repair")
-        epochs = self.config.training_config.num_epochs
-        # The training scales with examples x epochs; conversion and evaluation cost what the candidate's did.
-        training = staged.train_seconds * len(examples) * self.settings.repair_epochs / (len(mix.examples) * epochs)
-        estimate = time.time() - started - staged.train_seconds + training
+        # The training scales with examples x epochs, at the rate of the phase that staged the candidate (the
+        # polish, when there was one); the conversion and the evaluation cost what the candidate's did.
+        polished = (staged.manifest.update.model_extra or {}).get("polish") if staged.manifest.update else None
+        done = (staged.manifest.metrics.examples or len(mix.examples)) * (
+            polished["epochs"] if polished else self.config.training_config.num_epochs
+        )
+        training = staged.train_seconds * len(examples) * self.settings.repair_epochs / done
+        estimate = training + staged.convert_seconds + evaluation_seconds
         if time.time() - self.begun + estimate > self.settings.max_update_seconds:
             self.log(
                 f"{self.phase('repair')} no repair: it would take about {estimate:.0f} s, past the "
@@ -742,7 +771,18 @@ class EveningUpdate:
             "candidate": len(self.candidates) + 1,
             "emphasis": asdict(mix.emphasis),
             "retry_of": self.candidates[-1].version.version if self.candidates else None,
+            **({"paraphrases": self.paraphrase_record()} if self.settings.paraphrases else {}),
         }
+
+    def paraphrase_record(self) -> dict:
+        """The manifest's update.paraphrases: how many rewrites were kept, and which, by the question rewritten."""
+        first = {}
+        for example in self.new:
+            pair = paraphrase.question_and_answer(example)
+            if pair is not None:
+                first.setdefault(pair[1], pair[0])
+        kept = {first[answer]: questions for answer, questions in self.rewrites.items() if questions}
+        return {"answers": len(first), "kept": sum(map(len, kept.values())), "questions": kept}
 
     def preservation_record(self, mix: Mix) -> dict:
         """The manifest's "preservation", as a first version's says it."""

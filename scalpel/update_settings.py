@@ -57,6 +57,10 @@ class UpdateSettings(BaseModel):
     # under-learned. 0: off.
     polish_epochs: float = Field(0.0, ge=0)
     polish_loss: float = Field(0.1, gt=0)
+    # Paraphrases (scalpel.paraphrase): up to this many rewrites of each new answer's question, written by the
+    # base and kept only where the answer stays about as likely after them; the new examples' repeats are then
+    # asked in those words (each new example at least twice per epoch). 0: off.
+    paraphrases: int = Field(0, ge=0)
     # Repair: a candidate that fails only the new-knowledge gate (nothing forgotten, the base intact) is trained
     # repair_epochs more, from its own weights, on the new concepts it answered wrong (with as many of the other
     # new concepts' examples, and replay and preservation in proportion), at repair_rate_scale times the update's

@@ -56,6 +56,7 @@ def settings_from_args(args) -> UpdateSettings:
         "polish_epochs": args.polish_epochs,
         "polish_loss": args.polish_loss,
         "repair_epochs": args.repair_epochs,
+        "paraphrases": args.paraphrases,
         "repair_rate_scale": args.repair_rate_scale,
         "learning_rate": args.learning_rate,
         "min_retention": args.min_retention,
@@ -178,6 +179,13 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
     )
     up.add_argument(
         "--polish-loss", type=float, help=f"what counts as under-learned (default {_default('polish_loss')})"
+    )
+    up.add_argument(
+        "--paraphrases",
+        type=int,
+        help="up to this many rewrites of each new answer's question, by the base, kept only where the answer "
+        "stays about as likely after them; the new examples' repeats are asked in those words "
+        f"(default {_default('paraphrases')}: off)",
     )
     up.add_argument(
         "--repair-epochs",

@@ -529,11 +529,28 @@ def test_a_repair_trains_the_candidate_further_on_the_new_concepts_it_answered_w
     # All 6 pdca examples, and the replay and preservation in proportion (all of them: pdca is all the new data).
     assert repair["examples"] == 6 + manifest.update.replayed + manifest.update.preservation
     assert manifest.config["training_config"]["num_epochs"] == 3, "the update's epochs, not the repair's"
-    assert manifest.eval["reasons"][0].startswith("new knowledge impossible"), "the repaired one was judged"
+    assert manifest.metrics.learning_rate == pytest.approx(repair["learning_rate"]), "the repair's training"
+    assert sum("[candidate 1/1: evaluate]" in x for x in lines) == 2, "the repaired candidate was judged again"
+    assert manifest.eval["reasons"][0].startswith("new knowledge impossible")
     assert (result.version.path / "eval" / "impossible.json").is_file() and any(
         "[candidate 1/1: repair]" in x for x in lines
     )
-    # No repair where it would not fit in the time an update may take, or where it is off.
+    # No repair for a concept the new data does not teach (nothing to train it on).
+    elsewhere = write(
+        home / "elsewhere.json", [{"question": "What is PDCA?", "concept": "elsewhere", "required": ["never said"]}]
+    )
+    lines.clear()
+    untaught = run_update(
+        "know",
+        home / "evening.json",
+        eval_suite=elsewhere,
+        settings=UpdateSettings(**gates),
+        progress=False,
+        log=lines.append,
+    )
+    assert not untaught.promoted and "repair" not in untaught.version.manifest.update.model_dump(by_alias=True)
+    assert sum("[candidate 1/1: evaluate]" in x for x in lines) == 1
+    # No repair where it would not fit in the time an update may take.
     hurried = run_update(
         "know",
         home / "evening.json",

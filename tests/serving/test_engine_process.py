@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -20,6 +23,8 @@ from serving.engine_process import EngineProcess
 from serving.settings import EngineSettings
 from tests.tiny_models import registered_home
 from training.config import parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +163,30 @@ def test_a_whole_request_in_flight_gets_a_503(engine):
         asker.join(30)
         assert outcome["status"] == 503 and outcome["body"]["code"] == "engine_restarting"
         assert engine.wait_ready(30)
+
+
+FRONT_END_DIES = """
+import os
+from core import adapter_store, model_store
+from serving.engine import GenerationParams
+from serving.engine_process import EngineProcess
+
+engine = EngineProcess(model_store.get("tiny"))
+ref = engine.load(adapter_store.resolve("tiny_a"))
+tokens = engine.text_tokens("hi")
+assert list(engine.generate(tokens, ((ref, 1.0),), GenerationParams(max_tokens=2)))
+print("engine", engine.process.pid, flush=True)
+os._exit(0)  # the front end dies without closing the engine: its pipe is gone
+"""
+
+
+def test_an_engine_whose_front_end_died_shuts_down_quietly(adapter_home):
+    """It serves an adapter set, so shutting down switches it off, which it used to report to the front end that
+    was gone: a BrokenPipeError traceback on its way out. Now it leaves in silence (stderr is read to its end,
+    which comes when the engine process has exited too, as it holds the same stderr)."""
+    env = {**os.environ, "SCALPEL_HOME": str(adapter_home), "SCALPEL_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", FRONT_END_DIES], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.startswith("engine "), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr[-2000:]
