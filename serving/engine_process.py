@@ -54,11 +54,9 @@ def _child(conn, base: ModelEntry, settings: EngineSettings, versions: list[adap
     send_lock = threading.Lock()
 
     def send(message: tuple) -> None:
-        with send_lock:
-            try:
-                conn.send(message)
-            except OSError:  # the front end is gone (closed or dead): there is nobody left to tell
-                pass
+        # OSError: the front end is gone (closed or dead), and nobody is left to tell.
+        with send_lock, contextlib.suppress(OSError):
+            conn.send(message)
 
     engine = Engine(base, settings)
     for version in versions:
