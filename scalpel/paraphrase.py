@@ -194,12 +194,13 @@ def repeats_in_other_words(examples: list[Example], copies: int, questions: dict
     for _ in range(copies - 1):
         for example in examples:
             pair = question_and_answer(example)
-            options = questions.get(pair[1], []) if pair else []
+            answer = pair[1] if pair else ""
+            options = questions.get(answer, []) if pair else []
             if not options:
                 out.append(example)
                 continue
-            index = turn.get(pair[1], 0)
-            turn[pair[1]] = index + 1
+            index = turn.get(answer, 0)
+            turn[answer] = index + 1
             out.append(_asked(example, options[index % len(options)]))
     return out
 

@@ -776,7 +776,7 @@ class EveningUpdate:
 
     def paraphrase_record(self) -> dict:
         """The manifest's update.paraphrases: how many rewrites were kept, and which, by the question rewritten."""
-        first = {}
+        first: dict[str, str] = {}  # answer -> its first question
         for example in self.new:
             pair = paraphrase.question_and_answer(example)
             if pair is not None:
