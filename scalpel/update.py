@@ -670,14 +670,18 @@ class EveningUpdate:
             yield staged, verdict
             return
         examples = self.focus_mix(wrong, mix, "repair")
-        # The training scales with examples x epochs, at the rate of the phase that staged the candidate (the
-        # polish, when there was one); the conversion and the evaluation cost what the candidate's did.
+        # The optimizer steps scale with examples x epochs, at the rate of the phase that staged the candidate
+        # (the polish, when there was one); what surrounds them (loading the model, the loss per concept,
+        # saving), the conversion and the evaluation cost what the candidate's did.
+        metrics = staged.manifest.metrics
         polished = (staged.manifest.update.model_extra or {}).get("polish") if staged.manifest.update else None
-        done = (staged.manifest.metrics.examples or len(mix.examples)) * (
+        done = (metrics.examples or len(mix.examples)) * (
             polished["epochs"] if polished else self.config.training_config.num_epochs
         )
-        training = staged.train_seconds * len(examples) * self.settings.repair_epochs / done
-        estimate = training + staged.convert_seconds + evaluation_seconds
+        steps = (metrics.model_extra or {}).get("train_runtime") or staged.train_seconds
+        around = staged.train_seconds - steps
+        estimate = steps * len(examples) * self.settings.repair_epochs / done + around
+        estimate += staged.convert_seconds + evaluation_seconds
         if time.time() - self.begun + estimate > self.settings.max_update_seconds:
             self.log(
                 f"{self.phase('repair')} no repair: it would take about {estimate:.0f} s, past the "
