@@ -68,6 +68,17 @@ def question_and_answer(example: Example) -> tuple[str, str] | None:
     return turns[0]["content"], turns[1]["content"]
 
 
+def questions_by_answer(examples: list[Example]) -> dict[str, list[str]]:
+    """The one-turn examples' questions, grouped by their answer (in order): what is rewritten is each
+    answer's first question."""
+    groups: dict[str, list[str]] = {}
+    for example in examples:
+        pair = question_and_answer(example)
+        if pair is not None:
+            groups.setdefault(pair[1], []).append(pair[0])
+    return groups
+
+
 def names(question: str) -> list[str]:
     """The words a rewrite must keep: every capitalised word after the first (names, mostly), without a
     possessive "'s" or punctuation."""
@@ -147,11 +158,7 @@ def paraphrase(
 ) -> dict[str, list[Rewrite]]:
     """For every answer of the one-turn examples, its first question's rewrites by the base, each marked kept or
     set aside (at most `per_answer` kept): answer -> rewrites. Deterministic for a seed and a base."""
-    groups: dict[str, list[str]] = {}
-    for example in examples:
-        pair = question_and_answer(example)
-        if pair is not None:
-            groups.setdefault(pair[1], []).append(pair[0])
+    groups = questions_by_answer(examples)
     taken = {normalised(q) for questions in groups.values() for q in questions}
     out: dict[str, list[Rewrite]] = {}
     if not settings.per_answer:

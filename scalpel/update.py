@@ -175,7 +175,7 @@ def gate_decision(failed: GateFailures, settings: UpdateSettings) -> list[str]:
     """Every gate that failed, in words; an empty list means promote."""
     reasons = []
     for suite in failed.under_learned:
-        concepts = ", ".join(sorted({a["concept"] for a in suite.answers if not a["passed"]}))
+        concepts = ", ".join(sorted(_wrong(suite)))
         reasons.append(
             f"new knowledge {suite.name}: {_below(suite.accuracy, settings.min_new_knowledge)} < "
             f"{settings.min_new_knowledge:.0%} (failed: {concepts})"
@@ -186,6 +186,11 @@ def gate_decision(failed: GateFailures, settings: UpdateSettings) -> list[str]:
             f"{settings.min_retention:.0%}"
         )
     return reasons + failed.base
+
+
+def _wrong(suite: evaluate.SuiteResult) -> set[str]:
+    """The concepts of the questions a suite's answers got wrong."""
+    return {a["concept"] for a in suite.answers if not a["passed"]}
 
 
 def _below(share: float, floor: float) -> str:
@@ -665,7 +670,7 @@ class EveningUpdate:
         own weights, at repair_rate_scale times the rate, and judged again."""
         failed = verdict.failed
         taught = {e.concept for e in self.new}  # a suite may ask about a concept the new data does not teach
-        wrong = sorted({a["concept"] for s in failed.under_learned for a in s.answers if not a["passed"]} & taught)
+        wrong = sorted(set().union(*map(_wrong, failed.under_learned)) & taught)
         if not self.settings.repair_epochs or not wrong or failed.forgotten or failed.base:
             yield staged, verdict
             return
@@ -780,13 +785,9 @@ class EveningUpdate:
 
     def paraphrase_record(self) -> dict:
         """The manifest's update.paraphrases: how many rewrites were kept, and which, by the question rewritten."""
-        first: dict[str, str] = {}  # answer -> its first question
-        for example in self.new:
-            pair = paraphrase.question_and_answer(example)
-            if pair is not None:
-                first.setdefault(pair[1], pair[0])
-        kept = {first[answer]: questions for answer, questions in self.rewrites.items() if questions}
-        return {"answers": len(first), "kept": sum(map(len, kept.values())), "questions": kept}
+        groups = paraphrase.questions_by_answer(self.new)
+        kept = {groups[answer][0]: questions for answer, questions in self.rewrites.items() if questions}
+        return {"answers": len(groups), "kept": sum(map(len, kept.values())), "questions": kept}
 
     def preservation_record(self, mix: Mix) -> dict:
         """The manifest's "preservation", as a first version's says it."""
