@@ -5,6 +5,7 @@ Measured for each server (end-of-generation tokens are banned with logit_bias, s
 streamed and whole decode speed, time to first token, a cached 1-token request, adapter switching on a
 300-token shared prompt, 1/4/8 concurrent clients (8 spread over the base and 2 adapters), server memory with
 1 and 10 adapters; for scalpel also how often concurrent greedy answers equal the single-request answer.
+First, bench/decode_ceiling.py measures what llama.cpp's own decode allows, with no server at all.
 
     .venv/bin/python bench/serving.py [--threads 2] [--out bench/results]
 
@@ -271,6 +272,14 @@ def main() -> None:
         ggufs = [str(home / "adapters" / n / "v1" / "adapter.gguf") for n in names]
         eos = {str(t): -100 for t in base_eog_tokens(base)}
 
+        # --- llama.cpp alone: the ceiling every server works under ------------------------------------
+        ceiling = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "decode_ceiling.py"), "--threads", threads,
+             "--adapter", ggufs[0], "--adapter", ggufs[1]],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        results["llama.cpp decode"] = json.loads(ceiling.stdout.splitlines()[-1])
+
         # --- scalpel --------------------------------------------------------------------------------
         port = free_port()
         cmd = [sys.executable, "-m", "scalpel.cli", "serve", "--port", str(port), "--n-ctx", str(N_CTX),
@@ -386,6 +395,16 @@ def table(r: dict) -> str:
     lines = [f"threads {r['threads']}, {r['n_ctx_per_request']} tokens of context per request, {r['slots']} slots", ""]
     lines += ["| measure | " + " | ".join(servers) + " |", "| --- |" + " --- |" * len(servers)]
     lines += [f"| {name} | " + " | ".join(cell(s, get) for s in servers) + " |" for name, get in rows]
+    if "llama.cpp decode" in r:
+        raw = r["llama.cpp decode"]
+        lines += [
+            "",
+            "llama.cpp alone (bench/decode_ceiling.py, raw llama_decode, 300 tokens deep): "
+            f"batch 1 / 4 / 8: {raw['batch_1_tps']} / {raw['batch_4_tps']} / {raw['batch_8_tps']} tok/s "
+            f"(4 over 1: {raw['batch_4_over_batch_1']}x); 8 over base + 2 adapters: "
+            f"{raw['mixed_8_over_3_sets_tps']} tok/s changing sets, {raw['mixed_8_one_set_3_decodes_tps']} in the "
+            f"same 3 decodes under one set ({raw['mixed_8_over_batch_4']}x batch 4)",
+        ]
     lines += ["", "targets: " + json.dumps(r["targets"])]
     return "\n".join(lines) + "\n"
 

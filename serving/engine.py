@@ -511,7 +511,9 @@ class Engine(EngineFront):
             if request.next_token is not None:
                 groups.setdefault(request.adapters, []).append(request)
         alone = self.settings.deterministic  # every request in its own call: the batch shape of a lone request
-        batches = [part for group in groups.values() for part in ([[r] for r in group] if alone else [group])]
+        batches = [
+            part for group in self._applied_first(groups) for part in ([[r] for r in group] if alone else [group])
+        ]
         for group in batches:
             # ascending sequence ids: llama.cpp splits a batch of separate KV streams wherever the ids do not
             # follow each other, and runs each part as its own graph
@@ -525,9 +527,19 @@ class Engine(EngineFront):
                 continue
             for i, request in enumerate(group):
                 self._guarded(request, functools.partial(self._sample, request, i))
-        for request in [r for r in self._active if r.next_token is None]:
-            self._guarded(request, functools.partial(self._prefill, request))
+        prefills: dict[AdapterSet, list[_Request]] = {}
+        for request in self._active:
+            if request.next_token is None:
+                prefills.setdefault(request.adapters, []).append(request)
+        for group in self._applied_first(prefills):
+            for request in group:
+                self._guarded(request, functools.partial(self._prefill, request))
         self.steps += 1
+
+    def _applied_first(self, groups: dict[AdapterSet, list[_Request]]) -> list[list[_Request]]:
+        """The groups, the adapter set the context has now first: every change of set makes llama.cpp rebuild
+        its compute graphs at the next decode (a few ms), so a step changes sets once per set beyond the first."""
+        return sorted(groups.values(), key=lambda group: group[0].adapters != self._applied)
 
     def _guarded(self, request: _Request, work: Callable[[], object]) -> None:
         """Run one request's part of a step; if it fails, end that request alone (a 503 unless it is the user's

@@ -193,7 +193,8 @@ class AnswerLogitsTrainer(transformers.Trainer):
             reduction="sum",
         )
         if distilled is not None and distilled.any():
-            total = total + self.distill_weight * self._kl_to_base(model, model_inputs, keep, logits, distilled)
+            kl = self._kl_to_base(model, model_inputs, distill, keep, logits, distilled)
+            total = total + self.distill_weight * kl
         # Over the whole accumulated step when the Trainer counted it (then it is not rescaled), else this batch.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         loss = total / (num_items_in_batch if num_items_in_batch is not None else learned.sum().clamp(min=1))
@@ -204,11 +205,24 @@ class AnswerLogitsTrainer(transformers.Trainer):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
-    def _kl_to_base(self, model, model_inputs, keep, logits, distilled) -> torch.Tensor:
-        """Sum over the distilled positions of KL(base || adapted): the bare base's prediction is the target."""
+    def _kl_to_base(self, model, model_inputs, distill, keep, logits, distilled) -> torch.Tensor:
+        """Sum over the distilled positions of KL(base || adapted): the bare base's prediction is the target.
+
+        The base runs on the distilled examples alone (an example is distilled whole or not at all), not on the
+        whole batch: the other examples' base predictions would be thrown away.
+        """
+        if distill.shape[0] == 1:  # one packed row: the distilled examples' tokens, still end to end
+            tokens = distill[0]
+            inputs = {k: v[:, tokens] for k, v in model_inputs.items()}
+            at = (tokens.cumsum(0) - 1)[keep[distilled[0]]]  # the predictions' places in that shorter row
+            select = torch.ones((1, len(at)), dtype=torch.bool, device=at.device)
+        else:  # padded rows: the distilled examples' rows
+            rows = distilled.any(-1)
+            inputs = {k: v[rows] for k, v in model_inputs.items()}
+            at, select = keep, distilled[rows]
         with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-            base_logits = model(**model_inputs, logits_to_keep=keep).logits
-        base = base_logits[distilled].float().log_softmax(-1)
+            base_logits = model(**inputs, logits_to_keep=at).logits[select]
+        base = base_logits.float().log_softmax(-1)
         adapted = logits[distilled].float().log_softmax(-1)
         return torch.nn.functional.kl_div(adapted, base, log_target=True, reduction="sum")
 

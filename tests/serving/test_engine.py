@@ -183,3 +183,27 @@ def test_every_seed_is_reproducible_and_a_reader_that_fails_loses_only_its_reque
         assert engine.alive()
     finally:
         engine.close()
+
+
+def test_a_step_over_two_adapter_sets_changes_the_set_once(adapters_home):
+    """Two requests decoding side by side under the base and an adapter: each step starts with the set the
+    context already has, so it changes sets once (llama.cpp rebuilds its graphs after every change), not twice."""
+    engine = Engine(model_store.get("tiny"), EngineSettings(slots=2))
+    try:
+        ref = engine.load(adapter_store.resolve("tiny_a"))
+        tokens = engine.chat_tokens([{"role": "user", "content": "hi"}])
+        endless = tuple((t, -100.0) for t in range(engine.tokenizer.n_vocab) if engine.tokenizer.is_eog(t))
+        params = GenerationParams(max_tokens=40, temperature=0, logit_bias=endless)
+        got: list[int] = []
+        workers = [
+            threading.Thread(target=lambda a=a: got.append(len(list(engine.generate(tokens, a, params)))))
+            for a in ((), ((ref, 1.0),))
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert len(got) == 2 and engine.steps >= 40
+        assert engine.adapter_switches <= engine.steps + 2  # two changes a step would be about 80
+    finally:
+        engine.close()

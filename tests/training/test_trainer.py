@@ -177,3 +177,51 @@ def test_loss_per_concept_in_batches_equals_one_example_at_a_time(tiny_llama):
         assert abs(batched[concept] - alone[concept]) < 1e-4
     repeated = concept_losses(model, rows + [dict(r) for r in rows[:3]], collate, batch_size=4)  # a row twice
     assert repeated == pytest.approx(batched, abs=1e-6), "repeated rows are scored once"
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_base_runs_on_the_distilled_examples_alone_with_the_same_kl(tiny_llama, tmp_path, packed):
+    """The KL term computed from the base's predictions on the distilled examples alone equals the one from the
+    base run on the whole batch, packed or padded."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.trainer import IGNORE_INDEX, AnswerLogitsTrainer, DistillMask, pack_collator, pad_collator
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    base.config.use_cache = False
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    model.eval()
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            weight.data.normal_(0, 0.5)
+    rows = []
+    for n, distill in ((12, False), (15, True), (7, False), (9, True)):
+        ids = torch.randint(3, 300, (n,)).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:], "distill": distill})
+
+    collate = pack_collator() if packed else pad_collator(AutoTokenizer.from_pretrained(tiny_llama))
+    inputs = DistillMask(collate)(rows)
+    trainer = AnswerLogitsTrainer(
+        model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    )
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "distill")}
+    targets = inputs["labels"][:, 1:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    learned = targets[:, keep] != IGNORE_INDEX
+    distilled = inputs["distill"][:, 1:][:, keep] & learned
+    with torch.no_grad():
+        logits = model(**model_inputs, logits_to_keep=keep).logits
+        with model.disable_adapter():
+            whole = model(**model_inputs, logits_to_keep=keep).logits  # the base on the whole batch
+        kl = torch.nn.functional.kl_div(
+            logits[distilled].log_softmax(-1), whole[distilled].log_softmax(-1), log_target=True, reduction="sum"
+        )
+        answers = learned & ~distilled
+        ce = torch.nn.functional.cross_entropy(logits[answers], targets[:, keep][answers], reduction="sum")
+        got = trainer.compute_loss(model, inputs) * learned.sum()
+    assert float(kl) > 1e-3
+    torch.testing.assert_close(got, ce + kl, atol=1e-3, rtol=1e-4)
