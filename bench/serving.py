@@ -7,6 +7,7 @@ streamed and whole decode speed, time to first token, a cached 1-token request, 
 1 and 10 adapters; for scalpel also how often concurrent greedy answers equal the single-request answer.
 First, bench/decode_ceiling.py measures what llama.cpp's own decode allows, with no server at all.
 
+    .venv/bin/pip install -e '.[bench]'    # llama_cpp.server's own dependencies
     .venv/bin/python bench/serving.py [--threads 2] [--out bench/results]
 
 It builds llama-server once (bench/llama_server.py). Results: bench/results/serving.json and serving.md.
@@ -15,6 +16,7 @@ It builds llama-server once (bench/llama_server.py). Results: bench/results/serv
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -251,6 +253,8 @@ def main() -> None:
     parser.add_argument("--deterministic", action="store_true", help="serve scalpel with --deterministic")
     parser.add_argument("--skip", nargs="*", default=[], choices=["llama_cpp.server", "llama-server"])
     args = parser.parse_args()
+    if "llama_cpp.server" not in args.skip and importlib.util.find_spec("starlette_context") is None:
+        parser.error("llama_cpp.server needs the bench extra: pip install -e '.[bench]' (or --skip llama_cpp.server)")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
