@@ -220,8 +220,14 @@ class AnswerLogitsTrainer(transformers.Trainer):
             rows = distilled.any(-1)
             inputs = {k: v[rows] for k, v in model_inputs.items()}
             at, select = keep, distilled[rows]
-        with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-            base_logits = model(**inputs, logits_to_keep=at).logits[select]
+        bare = self.accelerator.unwrap_model(model)
+        # Under DDP the pass runs on the bare module: a rank whose batch holds no distilled example skips it, and
+        # through the wrapper every forward is a collective (DDP broadcasts the buffers), which the other ranks
+        # would not join. FSDP's sharded weights run only through the wrapper; there, ranks that disagree on
+        # whether to take the pass would still wait on each other (not handled yet).
+        teacher = model if self.is_fsdp_enabled else bare
+        with torch.no_grad(), bare.disable_adapter():
+            base_logits = teacher(**inputs, logits_to_keep=at).logits[select]
         base = base_logits.float().log_softmax(-1)
         adapted = logits[distilled].float().log_softmax(-1)
         return torch.nn.functional.kl_div(adapted, base, log_target=True, reduction="sum")

@@ -327,3 +327,25 @@ def test_a_job_on_two_ranks_publishes_a_version_that_says_so(tiny_home):
     assert any(e.message.startswith("Checkpoint saved at step 2") for e in events)
     assert any(e.message.startswith(f"Step {steps}/{steps}") for e in events)
     assert any("longer than max_seq_length=512" in e.message and e.level == "warn" for e in events)
+
+
+def test_two_ranks_distil_as_one_process_when_only_some_batches_hold_distilled_examples(tiny_home):
+    """Base preservation under DDP: the examples of c0 are learned by KL to the bare base, so some ranks' batches
+    need the teacher pass and others not, step by step. The two ranks still train the one-process adapter."""
+
+    def run(name: str, batch_size: int, launch: Launch | None) -> TrainResult:
+        return train(
+            parse_config(config(batch_size, distill_concepts=["c0"])),
+            model_store.get("tiny"),
+            load_examples(tiny_home / "facts.json"),
+            tiny_home / name / "out",
+            tiny_home / name / "work",
+            progress=False,
+            launch=launch,
+        )
+
+    one, two = run("distil-one", 4, None), run("distil-two", 2, TWO)
+    assert _max_diff(_weights(one), _weights(two)) <= ATOL
+    alone = [h["loss"] for h in one.log_history if "loss" in h]
+    ranks = [h["loss"] for h in two.log_history if "loss" in h]
+    torch.testing.assert_close(torch.tensor(ranks), torch.tensor(alone), rtol=1e-4, atol=1e-6)
