@@ -192,7 +192,7 @@ class AnswerLogitsTrainer(transformers.Trainer):
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
-        if distilled is not None and distilled.any():
+        if distilled is not None and (distilled.any() or self.is_fsdp_enabled):
             kl = self._kl_to_base(model, model_inputs, distill, keep, logits, distilled)
             total = total + self.distill_weight * kl
         # Over the whole accumulated step when the Trainer counted it (then it is not rescaled), else this batch.
@@ -211,6 +211,15 @@ class AnswerLogitsTrainer(transformers.Trainer):
         The base runs on the distilled examples alone (an example is distilled whole or not at all), not on the
         whole batch: the other examples' base predictions would be thrown away.
         """
+        bare = self.accelerator.unwrap_model(model)
+        if not distilled.any():
+            # FSDP alone calls this without distilled examples: its sharded weights run only through the wrapper,
+            # and every forward gathers them from all ranks, so every rank takes one teacher pass a step, even
+            # one of a single token, or the ranks would wait on each other. (Not exercised by the tests: on CPUs
+            # accelerate runs an FSDP config as plain data parallel.)
+            with torch.no_grad(), bare.disable_adapter():
+                model(**{k: v[:1, :1] for k, v in model_inputs.items()}, logits_to_keep=1)
+            return logits.new_zeros(())
         if distill.shape[0] == 1:  # one packed row: the distilled examples' tokens, still end to end
             tokens = distill[0]
             inputs = {k: v[:, tokens] for k, v in model_inputs.items()}
@@ -220,11 +229,9 @@ class AnswerLogitsTrainer(transformers.Trainer):
             rows = distilled.any(-1)
             inputs = {k: v[rows] for k, v in model_inputs.items()}
             at, select = keep, distilled[rows]
-        bare = self.accelerator.unwrap_model(model)
         # Under DDP the pass runs on the bare module: a rank whose batch holds no distilled example skips it, and
         # through the wrapper every forward is a collective (DDP broadcasts the buffers), which the other ranks
-        # would not join. FSDP's sharded weights run only through the wrapper; there, ranks that disagree on
-        # whether to take the pass would still wait on each other (not handled yet).
+        # would not join. Under FSDP it runs through the wrapper, on every rank (above).
         teacher = model if self.is_fsdp_enabled else bare
         with torch.no_grad(), bare.disable_adapter():
             base_logits = teacher(**inputs, logits_to_keep=at).logits[select]
