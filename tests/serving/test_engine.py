@@ -204,6 +204,7 @@ def test_a_step_over_two_adapter_sets_changes_the_set_once(adapters_home):
         for worker in workers:
             worker.join()
         assert len(got) == 2 and engine.steps >= 40
-        assert engine.adapter_switches <= engine.steps + 2  # two changes a step would be about 80
+        # a step while a prompt is read may change twice (decode, then a prompt block); two a step would be ~80
+        assert engine.adapter_switches <= engine.steps + 6
     finally:
         engine.close()
