@@ -115,9 +115,9 @@ def tiny_home(tiny_llama, tmp_path_factory):
         yield home
 
 
-def _train(home: Path, name: str, batch_size: int, launch: Launch | None, **kwargs):
+def _train(home: Path, name: str, batch_size: int, launch: Launch | None, *, training: dict | None = None, **kwargs):
     return train(
-        parse_config(config(batch_size)),
+        parse_config(config(batch_size, **(training or {}))),
         model_store.get("tiny"),
         load_examples(home / "facts.json"),
         home / name / "out",
@@ -332,19 +332,9 @@ def test_a_job_on_two_ranks_publishes_a_version_that_says_so(tiny_home):
 def test_two_ranks_distil_as_one_process_when_only_some_batches_hold_distilled_examples(tiny_home):
     """Base preservation under DDP: the examples of c0 are learned by KL to the bare base, so some ranks' batches
     need the teacher pass and others not, step by step. The two ranks still train the one-process adapter."""
-
-    def run(name: str, batch_size: int, launch: Launch | None) -> TrainResult:
-        return train(
-            parse_config(config(batch_size, distill_concepts=["c0"])),
-            model_store.get("tiny"),
-            load_examples(tiny_home / "facts.json"),
-            tiny_home / name / "out",
-            tiny_home / name / "work",
-            progress=False,
-            launch=launch,
-        )
-
-    one, two = run("distil-one", 4, None), run("distil-two", 2, TWO)
+    distil = {"distill_concepts": ["c0"]}
+    one = _train(tiny_home, "distil-one", 4, None, training=distil)
+    two = _train(tiny_home, "distil-two", 2, TWO, training=distil)
     assert _max_diff(_weights(one), _weights(two)) <= ATOL
     alone = [h["loss"] for h in one.log_history if "loss" in h]
     ranks = [h["loss"] for h in two.log_history if "loss" in h]
