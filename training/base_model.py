@@ -18,6 +18,15 @@ def _source_kwargs(entry: ModelEntry) -> tuple[Path, dict]:
     return entry.source_path, {}
 
 
+def _dense(entry: ModelEntry) -> dict:
+    """For a GGUF base, ask transformers to unpack every weight at load time: LoRA trains on dense weights, and
+    without it transformers tries to fetch a packed-matmul kernel from the Hub (offline here) and warns that a
+    bf16 load is slower for packed weights, which are never used."""
+    if entry.format != "gguf":
+        return {}
+    return {"quantization_config": transformers.GgufConfig(gguf_file=entry.source_path.name, dequantize=True)}
+
+
 def load_tokenizer(entry: ModelEntry):
     enforce_offline()
     folder, kwargs = _source_kwargs(entry)
@@ -62,7 +71,9 @@ def load_model(entry: ModelEntry, dtype: torch.dtype = torch.float32):
     # Safetensors only and never remote code: a base folder cannot run code or unpickle objects.
     if entry.format == "hf":
         kwargs["use_safetensors"] = True
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, trust_remote_code=False, **kwargs, **_dense(entry)
+    )
     if entry.format == "gguf":
         _detach_gguf_quantizer(model)
     return model

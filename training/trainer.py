@@ -25,7 +25,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from core.errors import ScalpelError
 from core.model_store import ModelEntry
-from training import distributed
+from training import distributed, dropout
+from training import precision as precisions
 from training.base_model import load_model, load_tokenizer, template_info
 from training.config import TrainConfig
 from training.dataset import IGNORE_INDEX, Example, tokenize_example
@@ -291,7 +292,8 @@ def concept_losses(
             labels = batch.pop("labels")[:, 1:]  # the model predicts token t+1 at position t
             # As in AnswerLogitsTrainer: project onto the vocabulary only where some row has an answer token.
             keep = (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-            logits = model(**batch, logits_to_keep=keep).logits.float()
+            with precisions.autocast(model):
+                logits = model(**batch, logits_to_keep=keep).logits.float()
             labels = labels[:, keep]
             token_loss = torch.nn.functional.cross_entropy(
                 logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
@@ -375,15 +377,6 @@ def lora_config(config: TrainConfig) -> LoraConfig:
     )
 
 
-def choose_precision(requested: str) -> str:
-    """The device is the Trainer's choice (cuda, then mps, then cpu); the precision follows it."""
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
 def training_arguments(
     config: TrainConfig,
     work_dir: Path,
@@ -398,11 +391,10 @@ def training_arguments(
     `batching` (from micro_batching) sets the micro-batches; without it they are the config's own.
     """
     tc = config.training_config
-    precision = choose_precision(tc.precision)
+    precision = precisions.choose_precision(tc.precision)
     batching = batching or Batching(tc.batch_size, tc.gradient_accumulation_steps, packed=False)
     micro, accumulate = batching.micro, batching.accumulate
     return transformers.TrainingArguments(
-        **_ddp(tc.seed),
         output_dir=str(work_dir / CHECKPOINTS),
         num_train_epochs=tc.num_epochs,
         max_steps=max_steps if max_steps else -1,
@@ -430,7 +422,8 @@ def training_arguments(
         dataloader_pin_memory=torch.cuda.is_available(),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        **_on_cpu(precision),
+        # both may say use_cpu (gloo ranks, bf16 on a CPU): one dict, so the keyword is given once
+        **{**_ddp(tc.seed), **_on_cpu(precision)},
         **_checkpointing(tc.gradient_checkpointing),
     )
 
@@ -618,11 +611,11 @@ def train(
         rows = balance_by_concept(rows, config.training_config.seed)
     eval_rows = _tokenize_all(eval_examples, tokenizer, entry, max_len) if eval_examples else None
 
-    # Under FSDP (a 70B-class base) the frozen base is kept in bf16 when training in bf16: in fp32 it would take
-    # twice the memory, and with cpu_ram_efficient_loading only rank 0 reads the weights at all.
-    precision = choose_precision(config.training_config.precision)
-    fsdp_bf16 = distributed.fsdp_requested() and precision == "bf16"
-    base_model = load_model(entry, dtype=torch.bfloat16 if fsdp_bf16 else torch.float32)
+    # In bf16 the frozen base is kept in bf16 (training.precision): no weight is cast again at every step, and
+    # under FSDP (a 70B-class base) fp32 would take twice the memory.
+    precision = precisions.choose_precision(config.training_config.precision)
+    base_model = load_model(entry, dtype=precisions.base_dtype(precision))
+    precisions.prepare_base(base_model, precision)
     # No KV cache while training. It is useless there, and with one transformers ignores packed positions
     # and lets packed examples attend to each other.
     base_model.config.use_cache = False
@@ -630,6 +623,7 @@ def train(
         model = PeftModel.from_pretrained(base_model, str(init_adapter), is_trainable=True)
     else:
         model = get_peft_model(base_model, lora_config(config))
+    dropout.use_on_cpu(model)  # cheaper masks for LoRA dropout, same distribution (training/dropout.py)
     batching = micro_batching(config.training_config, max(len(r["input_ids"]) for r in rows))
     args = training_arguments(
         config, work_dir, has_eval=bool(eval_rows), max_steps=max_steps, progress=progress, batching=batching
@@ -659,19 +653,20 @@ def train(
     checkpoint = last_checkpoint(work_dir) if resume else None
     if checkpoint:
         log.info("resuming from %s", checkpoint.name)
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    history = trainer.state.log_history
-    final_concept_loss: dict[str, float] = {}
-    state_dict = None
-    if trainer.is_fsdp_enabled:
-        # The weights are sharded: every rank takes part in the forward passes and in gathering the full
-        # weights (as the Trainer's own save_model does under FSDP); rank 0 alone writes them below.
-        final_concept_loss = concept_losses(trainer.model_wrapped, eval_rows or rows, collate)
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-    elif trainer.is_world_process_zero():
-        # `model` is the bare PEFT model (DDP wraps a copy of the reference): no collective call here.
-        final_concept_loss = concept_losses(model, eval_rows or rows, collate, progress=progress)
+    with precisions.without_input_casts(model, precision):
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        history = trainer.state.log_history
+        final_concept_loss: dict[str, float] = {}
+        state_dict = None
+        if trainer.is_fsdp_enabled:
+            # The weights are sharded: every rank takes part in the forward passes and in gathering the full
+            # weights (as the Trainer's own save_model does under FSDP); rank 0 alone writes them below.
+            final_concept_loss = concept_losses(trainer.model_wrapped, eval_rows or rows, collate)
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+            state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        elif trainer.is_world_process_zero():
+            # `model` is the bare PEFT model (DDP wraps a copy of the reference): no collective call here.
+            final_concept_loss = concept_losses(model, eval_rows or rows, collate, progress=progress)
     if trainer.is_world_process_zero():  # the other ranks of a distributed run write nothing
         out_dir.mkdir(parents=True, exist_ok=True)
         # Only the LoRA matrices are saved: the base's embeddings are never modified (no vocabulary changes).
