@@ -9,6 +9,7 @@ import transformers
 
 from core.model_store import ModelEntry
 from core.paths import enforce_offline
+from training import dense_cache
 from training.dataset import TemplateInfo
 
 
@@ -30,7 +31,13 @@ def _dense(entry: ModelEntry) -> dict:
 def load_tokenizer(entry: ModelEntry):
     enforce_offline()
     folder, kwargs = _source_kwargs(entry)
-    tokenizer = match_llama_cpp_spm(transformers.AutoTokenizer.from_pretrained(folder, **kwargs))
+
+    def convert():
+        return match_llama_cpp_spm(transformers.AutoTokenizer.from_pretrained(folder, **kwargs))
+
+    tokenizer = dense_cache.cached(
+        entry, "tokenizer", lambda copy: transformers.AutoTokenizer.from_pretrained(copy), convert, lambda _: 0
+    )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -66,17 +73,30 @@ def match_llama_cpp_spm(tokenizer):
 
 
 def load_model(entry: ModelEntry, dtype: torch.dtype = torch.float32):
+    """The base as a dense PyTorch model in `dtype`: a GGUF is unpacked once, and the copy kept (dense_cache)."""
     enforce_offline()
     folder, kwargs = _source_kwargs(entry)
     # Safetensors only and never remote code: a base folder cannot run code or unpickle objects.
     if entry.format == "hf":
         kwargs["use_safetensors"] = True
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, trust_remote_code=False, **kwargs, **_dense(entry)
-    )
-    if entry.format == "gguf":
-        _detach_gguf_quantizer(model)
-    return model
+
+    def convert():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=False, **kwargs, **_dense(entry)
+        )
+        if entry.format == "gguf":
+            _detach_gguf_quantizer(model)
+        return model
+
+    def load(copy: Path):
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            copy, dtype=dtype, trust_remote_code=False, use_safetensors=True
+        )
+
+    def size(model) -> int:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    return dense_cache.cached(entry, str(dtype).removeprefix("torch."), load, convert, size)
 
 
 def _detach_gguf_quantizer(model) -> None:
