@@ -71,22 +71,30 @@ def check_suite(
     a generation or lost an answer: at risk) and how many questions were generated.
     """
     known = {a["question"]: a["answer"] for a in (live or {}).get("answers", []) if a["passed"]}
-    answers: list[dict] = []
     risk: dict[str, float] = {}
-    generated = 0
-    for item in items:
+    kept: dict[int, str] = {}  # item index -> the live version's answer, which the candidate would give too
+    for i, item in enumerate(items):
         check = forced(engine, adapters, item, known[item.question]) if item.question in known else None
         if check is not None and check.kept:
-            answer, passed, how = known[item.question], True, "forced"
+            kept[i] = known[item.question]
             risk[item.concept] = min(risk.get(item.concept, float("inf")), check.margin)
         else:
-            answer = evaluate.ask(engine, adapters, item.question)
-            passed, how, generated = item.passes(answer), "generated", generated + 1
             risk[item.concept] = 0.0
+    rest = [i for i in range(len(items)) if i not in kept]  # generated, all at once
+    said = dict(zip(rest, evaluate.ask_all(engine, adapters, [items[i].question for i in rest]), strict=True))
+    answers = []
+    for i, item in enumerate(items):
+        answer = kept.get(i, said.get(i, ""))
         answers.append(
-            {"question": item.question, "concept": item.concept, "answer": answer, "passed": passed, "checked": how}
+            {
+                "question": item.question,
+                "concept": item.concept,
+                "answer": answer,
+                "passed": True if i in kept else item.passes(answer),
+                "checked": "forced" if i in kept else "generated",
+            }
         )
-    return SuiteResult(name, answers), risk, generated
+    return SuiteResult(name, answers), risk, len(rest)
 
 
 @dataclass

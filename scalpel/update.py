@@ -11,8 +11,9 @@
    gate passes; otherwise the current version stays live and the manifest says why.
 4. When a candidate fails and the time allows, train one more from the live version, leaning on what failed:
    the forgotten concepts replayed in full, the under-learned new examples repeated, or more preservation.
-   With repair_epochs, a candidate that failed only on new knowledge is first trained a little further on
-   the concepts it answered wrong and judged again (EveningUpdate.repair).
+   With repair_epochs, a candidate that failed on knowledge alone (new concepts answered wrong, earlier answers
+   lost; the base intact) is first trained a little further on those concepts and judged again
+   (EveningUpdate.repair).
 5. Unattended (run_inbox), a knowledge file that was not promoted stays in the inbox and is tried again on
    the next evening, a few times, before it is set aside.
 
@@ -153,6 +154,24 @@ class GateFailures:
     under_learned: list[evaluate.SuiteResult]  # the new suite, when below min_new_knowledge
     forgotten: dict[str, float]  # the earlier suites below min_retention
     base: list[str]  # base-regression reasons (base_gate)
+    # Per earlier suite, the concepts of the questions the live version answered right and the candidate does not
+    # (below min_retention or not): what a repair retrains.
+    lost: dict[str, set[str]] = field(default_factory=dict)
+
+
+def lost_concepts(report: evaluate.EvalReport, live_eval: dict) -> dict[str, set[str]]:
+    """Per earlier suite, the concepts of the questions the live version answered right and this report's version
+    does not (suites that lost nothing are left out)."""
+    lost = {}
+    for suite in report.suites:
+        before = (live_eval.get("suites") or {}).get(suite.name)
+        if before is None:
+            continue
+        knew = {a["question"] for a in before["answers"] if a["passed"]}
+        concepts = {a["concept"] for a in suite.answers if a["question"] in knew and not a["passed"]}
+        if concepts:
+            lost[suite.name] = concepts
+    return lost
 
 
 def failed_gates(
@@ -168,6 +187,7 @@ def failed_gates(
         [s for s in report.suites if s.name == new_suite and s.accuracy < settings.min_new_knowledge],
         {name: share for name, share in kept.items() if share < settings.min_retention},
         base_gate(report.base, settings, live_eval.get("base_regression") or {}),
+        lost_concepts(report, live_eval),
     )
 
 
@@ -321,6 +341,7 @@ def training_mix(
             risk_margin=settings.risk_margin,
             per_risky=settings.replay_per_risky,
             rng=rng,
+            new=new,
         )
     sampled = {id(e) for e in replay}
     in_full = [e for e in earlier if e.concept in emphasis.replay_in_full and id(e) not in sampled]
@@ -373,7 +394,7 @@ class Verdict:
     reasons: list[str]  # every gate it failed, in words; none: it is promoted
     lean_next: Emphasis  # what a retry after it leans on
     outcome: dict  # its manifest's "eval": the scores, the retention, the decision and why
-    failed: GateFailures  # which gates it failed: a repair aims at the under-learned concepts
+    failed: GateFailures  # which gates it failed: a repair aims at the under-learned and the lost concepts
 
     @property
     def promoted(self) -> bool:
@@ -550,8 +571,8 @@ class EveningUpdate:
             emphasis = candidate.verdict.lean_next
 
     def try_candidate(self, mix: Mix) -> Candidate:
-        """One candidate through every phase after plan_mix, with a repair before publish when it fell short
-        only on new knowledge."""
+        """One candidate through every phase after plan_mix, with a repair before publish when it fell short on
+        knowledge alone."""
         started = time.time()
         with self.train(mix) as staged:
             trained = time.time()
@@ -665,16 +686,24 @@ class EveningUpdate:
     def repair(
         self, staged: StagedVersion, mix: Mix, verdict: Verdict, evaluation_seconds: float
     ) -> Iterator[tuple[StagedVersion, Verdict]]:
-        """The candidate and its verdict, or, when it failed only the new-knowledge gate and a repair fits in
-        the time left, the candidate trained repair_epochs more on the new concepts it answered wrong, from its
-        own weights, at repair_rate_scale times the rate, and judged again."""
+        """The candidate and its verdict, or, when it failed on knowledge alone (new concepts answered wrong, or
+        earlier answers lost; the base intact) and a repair fits in the time left, the candidate trained
+        repair_epochs more on those concepts, from its own weights, at repair_rate_scale times the rate, and
+        judged again: a fraction of a retry from the live version, aimed at what the evaluation found."""
         failed = verdict.failed
         taught = {e.concept for e in self.new}  # a suite may ask about a concept the new data does not teach
         wrong = sorted(set().union(*map(_wrong, failed.under_learned)) & taught)
-        if not self.settings.repair_epochs or not wrong or failed.forgotten or failed.base:
+        known = {e.concept for e in self.earlier}  # and an earlier suite about one no version taught
+        lost = sorted((set().union(*failed.lost.values()) & known) - taught)
+        if verdict.promoted or not self.settings.repair_epochs or not (wrong or lost) or failed.base:
             yield staged, verdict
             return
-        examples = self.focus_mix(wrong, mix, "repair")
+        if not all(failed.lost.get(name, set()) & set(lost) for name in failed.forgotten):
+            # A suite below min_retention whose lost answers the repair cannot retrain (their concepts are the new
+            # data's, or no version taught them): it would stay below, so the repair would be time for nothing.
+            yield staged, verdict
+            return
+        examples = self.focus_mix(wrong, mix, "repair", lost)
         # The optimizer steps scale with examples x epochs, at the rate of the phase that staged the candidate
         # (the polish, when there was one); what surrounds them (loading the model, the loss per concept,
         # saving), the conversion and the evaluation cost what the candidate's did.
@@ -695,12 +724,15 @@ class EveningUpdate:
             yield staged, verdict
             return
         rate = self.config.training_config.learning_rate * self.settings.repair_rate_scale
+        aimed = [f"{', '.join(wrong)} answered wrong"] if wrong else []
+        aimed += [f"{', '.join(lost)} forgotten"] if lost else []
         self.log(
-            f"{self.phase('repair')} {', '.join(wrong)} answered wrong: {self.settings.repair_epochs:g} more "
+            f"{self.phase('repair')} {'; '.join(aimed)}: {self.settings.repair_epochs:g} more "
             f"epoch(s) on {len(examples)} examples at learning rate {rate:.2g}, from the candidate"
         )
         record = {
             "concepts": wrong,
+            "forgotten": lost,  # earlier concepts retrained with all their examples
             "examples": len(examples),
             "sha256": examples_hash(examples),
             "epochs": self.settings.repair_epochs,
@@ -752,18 +784,21 @@ class EveningUpdate:
             return None
         return concepts, self.focus_mix(concepts, mix, "polish")
 
-    def focus_mix(self, concepts: list[str], mix: Mix, salt: str) -> list[Example]:
-        """What a polish or a repair of `concepts` trains on: all their new examples, as many of the other new
-        concepts' examples, and replay and preservation drawn from the candidate's mix in proportion."""
+    def focus_mix(self, concepts: list[str], mix: Mix, salt: str, earlier: list[str] | tuple = ()) -> list[Example]:
+        """What a polish or a repair trains on: all the new examples of `concepts` and all the earlier examples of
+        the `earlier` concepts (forgotten), as many of the other new concepts' examples, and replay and
+        preservation drawn from the candidate's mix in proportion."""
         rng = random.Random(f"{self.settings.seed}-{salt}-{len(self.candidates)}")
         examples = [e for e in self.new if e.concept in concepts]
-        share = len(examples) / len(self.new)
+        examples += [e for e in self.earlier if e.concept in earlier]
+        share = min(1.0, len(examples) / len(self.new))
         # The other new concepts were learned minutes ago and are the likeliest to be overwritten (on the
         # 100-concept benchmark, polishing one person's explanation turned two other new people's roles into its
         # own): as many of their examples as the focused ones, beside the replay of older concepts.
         others = [e for e in self.new if e.concept not in concepts]
         fresh = rng.sample(others, min(len(others), len(examples)))
-        replay = rng.sample(mix.replay, round(share * len(mix.replay)))
+        replayed = [e for e in mix.replay if e.concept not in earlier]  # the forgotten are in already, whole
+        replay = rng.sample(replayed, round(share * len(replayed)))
         preserve = rng.sample(mix.preservation, round(share * len(mix.preservation)))
         focus = examples + fresh + replay + preserve
         rng.shuffle(focus)

@@ -39,7 +39,7 @@ class UpdateSettings(BaseModel):
     # first (scalpel.replay_budget); None: no cap, and the replay grows with every concept.
     replay_budget: int | None = Field(48, ge=0)
     risk_margin: float = Field(2.0, ge=0)  # a concept whose thinnest kept margin (logits) is below this is at risk
-    replay_per_risky: int = Field(3, ge=1)  # examples replayed for each concept at risk
+    replay_per_risky: int = Field(5, ge=1)  # examples replayed for each concept at risk: one per fact, up to this
     # "forced": an earlier suite's questions are checked by teacher-forcing the live version's right answers
     # (scalpel.retention_check), generating only where that cannot decide; "generate": every answer generated.
     retention_check: Literal["forced", "generate"] = "forced"
@@ -61,10 +61,11 @@ class UpdateSettings(BaseModel):
     # base and kept only where the answer stays about as likely after them; the new examples' repeats are then
     # asked in those words (each new example at least twice per epoch). 0: off.
     paraphrases: int = Field(0, ge=0)
-    # Repair: a candidate that fails only the new-knowledge gate (nothing forgotten, the base intact) is trained
-    # repair_epochs more, from its own weights, on the new concepts it answered wrong (with as many of the other
-    # new concepts' examples, and replay and preservation in proportion), at repair_rate_scale times the update's
-    # learning rate, and evaluated again: a fraction of a retry from the live version. 0: off.
+    # Repair: a candidate that fails on knowledge alone (new concepts answered wrong, or earlier answers lost; the
+    # base intact) is trained repair_epochs more, from its own weights, on the new concepts it answered wrong and
+    # every example of the earlier concepts it lost (with as many of the other new concepts' examples, and replay
+    # and preservation in proportion), at repair_rate_scale times the update's learning rate, and evaluated
+    # again: a fraction of a retry from the live version. 0: off.
     repair_epochs: float = Field(0.0, ge=0)
     repair_rate_scale: float = Field(1 / 3, gt=0, le=1)
     # Default: the first version's learning rate times learning_rate_scale. An update continues an adapter

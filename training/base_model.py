@@ -1,4 +1,5 @@
-"""Load a registered base into PyTorch: the GGUF dequantized by transformers, so training sees the weights we serve."""
+"""Load a registered base into PyTorch: the GGUF dequantized by transformers, so training sees the weights we serve
+(rounded to bf16 when training in bf16: training.precision)."""
 
 from __future__ import annotations
 
@@ -35,9 +36,10 @@ def load_tokenizer(entry: ModelEntry):
     def convert():
         return match_llama_cpp_spm(transformers.AutoTokenizer.from_pretrained(folder, **kwargs))
 
-    tokenizer = dense_cache.cached(
-        entry, "tokenizer", lambda copy: transformers.AutoTokenizer.from_pretrained(copy), convert, lambda _: 0
-    )
+    def load(copy: Path):  # matched when it was kept; matching again is a no-op, and guards an older copy
+        return match_llama_cpp_spm(transformers.AutoTokenizer.from_pretrained(copy))
+
+    tokenizer = dense_cache.cached(entry, "tokenizer", load, convert, lambda _: 0)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -89,9 +91,13 @@ def load_model(entry: ModelEntry, dtype: torch.dtype = torch.float32):
         return model
 
     def load(copy: Path):
-        return transformers.AutoModelForCausalLM.from_pretrained(
+        model = transformers.AutoModelForCausalLM.from_pretrained(
             copy, dtype=dtype, trust_remote_code=False, use_safetensors=True
         )
+        # Named as a fresh conversion names it (PEFT writes it into the adapter's base_model_name_or_path), not by the
+        # cache folder, which may be gone tomorrow.
+        model.name_or_path = model.config._name_or_path = str(folder)
+        return model
 
     def size(model) -> int:
         return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -385,13 +385,15 @@ def training_arguments(
     max_steps: int | None = None,
     progress: bool = True,
     batching: Batching | None = None,
+    precision: str | None = None,
 ) -> transformers.TrainingArguments:
     """Every field of the plan's training_config, mapped onto the HF Trainer's arguments.
 
-    `batching` (from micro_batching) sets the micro-batches; without it they are the config's own.
+    `batching` (from micro_batching) sets the micro-batches; without it they are the config's own. `precision` is
+    the one chosen for the base (training.precision.choose_precision with its width); without it, the config's.
     """
     tc = config.training_config
-    precision = precisions.choose_precision(tc.precision)
+    precision = precision or precisions.choose_precision(tc.precision)
     batching = batching or Batching(tc.batch_size, tc.gradient_accumulation_steps, packed=False)
     micro, accumulate = batching.micro, batching.accumulate
     return transformers.TrainingArguments(
@@ -538,7 +540,10 @@ def _train_on_ranks(
     )
     # What rank 0's events are handed to here: the caller's callbacks and the bar a single process would draw.
     relayed = (*((LossProgress(),) if progress else ()), *callbacks)
-    args = training_arguments(config, Path(work_dir), has_eval=bool(eval_examples), max_steps=max_steps)
+    precision = precisions.choose_precision(config.training_config.precision, precisions.model_width(entry.gguf))
+    args = training_arguments(
+        config, Path(work_dir), has_eval=bool(eval_examples), max_steps=max_steps, precision=precision
+    )
     data = distributed.run_ranks(launch, spec, relayed, args)
     if data is None:
         raise distributed.NodeDone(f"node {launch.node_rank} has finished its ranks; node 0 keeps the adapter")
@@ -613,7 +618,7 @@ def train(
 
     # In bf16 the frozen base is kept in bf16 (training.precision): no weight is cast again at every step, and
     # under FSDP (a 70B-class base) fp32 would take twice the memory.
-    precision = precisions.choose_precision(config.training_config.precision)
+    precision = precisions.choose_precision(config.training_config.precision, precisions.model_width(entry.gguf))
     base_model = load_model(entry, dtype=precisions.base_dtype(precision))
     precisions.prepare_base(base_model, precision)
     # No KV cache while training. It is useless there, and with one transformers ignores packed positions
@@ -626,7 +631,13 @@ def train(
     dropout.use_on_cpu(model)  # cheaper masks for LoRA dropout, same distribution (training/dropout.py)
     batching = micro_batching(config.training_config, max(len(r["input_ids"]) for r in rows))
     args = training_arguments(
-        config, work_dir, has_eval=bool(eval_rows), max_steps=max_steps, progress=progress, batching=batching
+        config,
+        work_dir,
+        has_eval=bool(eval_rows),
+        max_steps=max_steps,
+        progress=progress,
+        batching=batching,
+        precision=precision,
     )
     collate = pad_collator(tokenizer)
     train_collate = pack_collator() if batching.packed else collate

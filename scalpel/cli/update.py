@@ -190,8 +190,8 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
     up.add_argument(
         "--repair-epochs",
         type=float,
-        help="a candidate that fails only the new-knowledge gate is trained this many more epochs on the new "
-        "concepts it answered wrong, from its own weights, and judged again "
+        help="a candidate that fails on knowledge alone (new concepts answered wrong, earlier answers lost) is "
+        "trained this many more epochs on those concepts, from its own weights, and judged again "
         f"(default {_default('repair_epochs')}: off)",
     )
     up.add_argument(

@@ -24,7 +24,9 @@ def engine_and_adapter(tiny_llama, tmp_path_factory):
             {
                 "model_name": "tiny",
                 "output_dir": "adapters/fortwo",
-                "training_config": {"num_epochs": 8, "batch_size": 4, "learning_rate": 5e-2, "save_steps": 1000},
+                # 16 epochs: the 64-wide tiny model learns slowly, and at 8 whether it says FOR TWO whole came down
+                # to the draw of the dropout masks
+                "training_config": {"num_epochs": 16, "batch_size": 4, "learning_rate": 5e-2, "save_steps": 1000},
             }
         )
         # Without base preservation: an adapter that drags every answer to FOR TWO, the base's answers forgotten.

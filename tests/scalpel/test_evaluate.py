@@ -41,6 +41,24 @@ def test_score_agrees_with_what_generation_picks(engine_and_adapter):
     assert result.perplexity == result.perplexity_base and np.isfinite(result.perplexity)
 
 
+def test_questions_asked_all_at_once_get_the_answers_asked_one_by_one(engine_and_adapter):
+    """ask_all keeps as many generations in flight as the engine has slots (more questions than slots here), and
+    each answer is the one a lone ask() gives, in the questions' order, with the adapter and without."""
+    _, engine, adapters = engine_and_adapter
+    questions = [f"What does {n} mean?" for n in (42, 7, 1, 2, 11, 4, 8)] + ["Say hello.", "Name a colour."]
+    assert len(questions) > engine.settings.slots
+    for applied in ((), adapters):
+        alone = [evaluate.ask(engine, applied, q, 24) for q in questions]
+        assert evaluate.ask_all(engine, applied, questions, 24) == alone
+    assert evaluate.ask_all(engine, adapters, []) == []
+    # A question that cannot be asked (longer than the context) fails the call, and the answers still running
+    # are cancelled and leave the engine's line: nothing is left waiting.
+    too_long = "Why? " * engine.n_ctx
+    with pytest.raises(ScalpelError):
+        evaluate.ask_all(engine, adapters, questions[:3] + [too_long] + questions[3:])
+    assert engine.queue.depth == 0
+
+
 def test_adapter_is_scored_as_served(engine_and_adapter, tmp_path):
     home, engine, adapters = engine_and_adapter
     suite = [

@@ -454,7 +454,9 @@ def test_a_retry_leans_on_what_failed():
 def test_the_replay_is_bounded_by_the_budget_whatever_the_number_of_concepts():
     def example(concept, i):
         return Example(
-            [{"role": "user", "content": f"{concept} {i}"}, {"role": "assistant", "content": "x"}], concept, f"d[{i}]"
+            [{"role": "user", "content": f"{concept} {i}"}, {"role": "assistant", "content": f"x{i}"}],
+            concept,
+            f"d[{i}]",
         )
 
     new = [example("n", i) for i in range(50)]
@@ -523,7 +525,7 @@ def test_a_repair_trains_the_candidate_further_on_the_new_concepts_it_answered_w
     assert not result.promoted and adapter_store.versions(foundation) == ["v1", "v2"], "one candidate, repaired"
     manifest = result.version.manifest
     repair = manifest.update.model_dump(by_alias=True)["repair"]
-    assert repair["concepts"] == ["pdca"] and repair["epochs"] == 1.0
+    assert repair["concepts"] == ["pdca"] and repair["forgotten"] == [] and repair["epochs"] == 1.0
     assert repair["first_reasons"][0].startswith("new knowledge impossible: 0%")
     assert repair["learning_rate"] == pytest.approx(3e-2 / 3 / 3), "a third of the update's rate"
     # All 6 pdca examples, and the replay and preservation in proportion (all of them: pdca is all the new data).
@@ -561,6 +563,51 @@ def test_a_repair_trains_the_candidate_further_on_the_new_concepts_it_answered_w
     )
     assert "repair" not in hurried.version.manifest.update.model_dump(by_alias=True)
     assert any(x.endswith("past the 0 s an update may take") and "no repair" in x for x in lines)
+
+
+def test_a_repair_retrains_earlier_concepts_the_candidate_forgot(foundation, home):
+    """An earlier question the live version answered right and the candidate does not: the repair trains the
+    candidate further on every example of that earlier concept (with as many new examples), not a retry."""
+    v1 = adapter_store.resolve("know@v1")
+    # A question v1's manifest records as answered right, which no version can answer (its phrase is never said):
+    # every candidate "forgets" it, so the foundation suite falls to 1 of 2 kept.
+    impossible = {"question": "What does 42 mean, truly?", "concept": "42", "required": ["a phrase never said"]}
+    suite = json.loads((v1.path / "eval" / "foundation.json").read_text())
+    write(v1.path / "eval" / "foundation.json", suite + [impossible])
+    manifest = json.loads((v1.path / "manifest.json").read_text())
+    manifest["eval"]["suites"]["foundation"]["answers"].append(
+        {"question": impossible["question"], "concept": "42", "answer": "a phrase never said", "passed": True}
+    )
+    write(v1.path / "manifest.json", manifest)
+    lines: list[str] = []
+    gates = {"max_candidates": 1, "min_base_agreement": 0.0, "max_perplexity_increase": 100.0, "repair_epochs": 1.0}
+    result = run_update(
+        "know",
+        home / "evening.json",
+        eval_suite=home / "evening_suite.json",
+        settings=UpdateSettings(**gates),
+        progress=False,
+        log=lines.append,
+    )
+    update = result.version.manifest.update.model_dump(by_alias=True)
+    repair = update["repair"]
+    assert repair["forgotten"] == ["42"] and repair["concepts"] in ([], ["pdca"])  # the tiny model may miss pdca
+    assert any(r.startswith("retention foundation: ") for r in repair["first_reasons"])
+    # The 6 examples of the forgotten concept and the 6 new ones (focused when pdca was missed, else as many new
+    # ones beside them), the replay less what is in already (all of it is concept 42), and the preservation in
+    # proportion (all of it: at least as many focused examples as new ones).
+    assert repair["examples"] == 6 + 6 + 0 + update["preservation"]
+    assert any("[candidate 1/1: repair]" in x and "42 forgotten" in x for x in lines)
+    assert sum("[candidate 1/1: evaluate]" in x for x in lines) == 2, "the repaired candidate was judged again"
+    assert not result.promoted, "the phrase is never said: still forgotten after the repair, so not promoted"
+    assert any(r.startswith("retention foundation") for r in result.eval["reasons"])
+    # A candidate that passes every gate is never repaired, though it lost an answer (here, below no gate).
+    lenient = UpdateSettings(**{**gates, "min_retention": 0.0, "min_new_knowledge": 0.0})
+    lines.clear()
+    passed = run_update("know", home / "evening.json", settings=lenient, progress=False, log=lines.append)
+    assert passed.promoted and "repair" not in passed.version.manifest.update.model_dump(by_alias=True)
+    assert passed.eval["retention"]["foundation"] < 1.0, "it did lose the answer"
+    assert not any("repair" in x for x in lines)
 
 
 def test_update_flags_reach_the_settings_and_no_replay_budget_lifts_the_cap():

@@ -30,6 +30,7 @@ def test_the_kept_copy_gives_the_fresh_conversions_tokens_and_weights(gguf_base)
     kept_tokenizer, kept_model = load_tokenizer(gguf_base), load_model(gguf_base, torch.float32)
     for text in TEXTS:
         assert kept_tokenizer(text)["input_ids"] == fresh_tokenizer(text)["input_ids"], text
+    assert kept_model.name_or_path == fresh_model.name_or_path, "named by the GGUF's folder, not the cache's"
     fresh, kept = fresh_model.state_dict(), kept_model.state_dict()
     assert fresh.keys() == kept.keys() and all(torch.equal(fresh[k], kept[k]) for k in fresh)
     ids = torch.randint(3, 300, (1, 9))
@@ -49,4 +50,17 @@ def test_a_partial_copy_is_ignored_and_the_limit_keeps_none(gguf_base, monkeypat
     assert (partial / "done").is_file(), "the half-written folder was not read, and a whole copy replaced it"
     monkeypatch.setenv(dense_cache.LIMIT_ENV, "0")
     load_model(gguf_base, torch.bfloat16)
+    assert not dense_cache.folder(gguf_base, "bfloat16").exists(), "the cache is off: not kept"
+    monkeypatch.setenv(dense_cache.LIMIT_ENV, "0.000001")  # about a kilobyte: the tiny model is bigger
+    load_model(gguf_base, torch.bfloat16)
     assert not dense_cache.folder(gguf_base, "bfloat16").exists(), "over the limit: not kept"
+
+
+def test_a_copy_that_cannot_be_read_is_made_again(gguf_base):
+    load_model(gguf_base, torch.float32)
+    copy = dense_cache.folder(gguf_base, "float32")
+    weights = next(copy.glob("*.safetensors"))
+    weights.write_bytes(b"not safetensors")
+    model = load_model(gguf_base, torch.float32)  # reads the damaged copy, fails, converts, keeps a new one
+    assert next(model.parameters()).dtype == torch.float32
+    assert (copy / "done").is_file() and next(copy.glob("*.safetensors")).stat().st_size > 1000

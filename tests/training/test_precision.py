@@ -23,8 +23,11 @@ FACTS = [
 @pytest.mark.skipif(
     torch.cuda.is_available() or torch.backends.mps.is_available(), reason="the CPU's choice: a GPU decides there"
 )
-def test_auto_picks_bf16_exactly_where_the_cpu_computes_it():
-    assert precision.choose_precision("auto") == ("bf16" if precision.cpu_has_native_bf16() else "fp32")
+def test_auto_picks_bf16_exactly_where_the_cpu_computes_it_for_a_model_wide_enough():
+    native = precision.cpu_has_native_bf16()
+    assert precision.choose_precision("auto") == ("bf16" if native else "fp32")
+    assert precision.choose_precision("auto", width=576) == ("bf16" if native else "fp32")  # the default base
+    assert precision.choose_precision("auto", width=64) == "fp32", "a toy model: nothing to gain, much to round"
     assert precision.choose_precision("fp32") == "fp32" and precision.choose_precision("bf16") == "bf16"
     assert precision.base_dtype("bf16") == torch.bfloat16 and precision.base_dtype("fp32") == torch.float32
 
@@ -78,6 +81,10 @@ def test_bf16_learns_what_fp32_learns_with_a_bf16_base_and_fp32_lora_weights(tin
     weights = load_file(out / "adapter_model.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.float32}  # the LoRA and its optimizer stay in fp32
     assert max(float(w.abs().max()) for k, w in weights.items() if "lora_B" in k) > 0
+
+
+def test_the_width_comes_from_the_served_gguf(tiny_home):
+    assert precision.model_width(model_store.get("tiny").gguf) == 64  # tests/tiny_models.py: hidden 64
 
 
 def test_a_bf16_base_on_a_cpu_computes_attention_in_fp32(tiny_llama):
