@@ -18,6 +18,7 @@ The knowledge is examples/evenings/ (a foundation and ten evenings) or a generat
     .venv/bin/python bench/evenings.py [--knowledge DIR] [--evenings N] [--out DIR] [--arms scalpel,naive]
                                        [--epochs 8] [--learning-rate LR] [--update-learning-rate LR]
                                        [--update-epochs N] [--new-repeats N] [--polish-epochs N] [--repair-epochs N]
+                                       [--repair-rounds N]
                                        [--paraphrases N]
                                        [--max-seconds 450] [--replay-budget N]
                                        [--preservation-ratio R] [--preservation-loss distill|answers]
@@ -716,6 +717,7 @@ def main() -> None:
     parser.add_argument("--new-repeats", type=int, help="the scalpel arm's new_repeats (default: as shipped)")
     parser.add_argument("--polish-epochs", type=float, help="the scalpel arm's polish_epochs (default: as shipped)")
     parser.add_argument("--repair-epochs", type=float, help="the scalpel arm's repair_epochs (default: as shipped)")
+    parser.add_argument("--repair-rounds", type=int, help="the scalpel arm's repair_rounds (default: as shipped)")
     parser.add_argument("--paraphrases", type=int, help="the scalpel arm's paraphrases (default: as shipped)")
     parser.add_argument(
         "--max-seconds",
@@ -765,6 +767,7 @@ def main() -> None:
                 "new_repeats",
                 "polish_epochs",
                 "repair_epochs",
+                "repair_rounds",
                 "paraphrases",
                 "max_seconds",
                 "replay_budget",
@@ -812,6 +815,7 @@ def main() -> None:
             **({"new_repeats": args.new_repeats} if args.new_repeats else {}),
             **({"polish_epochs": args.polish_epochs} if args.polish_epochs is not None else {}),
             **({"repair_epochs": args.repair_epochs} if args.repair_epochs is not None else {}),
+            **({"repair_rounds": args.repair_rounds} if args.repair_rounds is not None else {}),
             **({"paraphrases": args.paraphrases} if args.paraphrases is not None else {}),
         ),
         "naive": UpdateSettings(**recipe, gates=False, replay_ratio=0, replay_per_concept=0, preservation_ratio=0),

@@ -684,12 +684,13 @@ class EveningUpdate:
 
     @contextlib.contextmanager
     def repair(
-        self, staged: StagedVersion, mix: Mix, verdict: Verdict, evaluation_seconds: float
+        self, staged: StagedVersion, mix: Mix, verdict: Verdict, evaluation_seconds: float, round_: int = 1
     ) -> Iterator[tuple[StagedVersion, Verdict]]:
         """The candidate and its verdict, or, when it failed on knowledge alone (new concepts answered wrong, or
         earlier answers lost; the base intact) and a repair fits in the time left, the candidate trained
         repair_epochs more on those concepts, from its own weights, at repair_rate_scale times the rate, and
-        judged again: a fraction of a retry from the live version, aimed at what the evaluation found."""
+        judged again: a fraction of a retry from the live version, aimed at what the evaluation found. A repaired
+        candidate that still falls short is repaired again on what it still gets wrong, up to repair_rounds."""
         failed = verdict.failed
         taught = {e.concept for e in self.new}  # a suite may ask about a concept the new data does not teach
         wrong = sorted(set().union(*map(_wrong, failed.under_learned)) & taught)
@@ -708,9 +709,10 @@ class EveningUpdate:
         # (the polish, when there was one); what surrounds them (loading the model, the loss per concept,
         # saving), the conversion and the evaluation cost what the candidate's did.
         metrics = staged.manifest.metrics
-        polished = (staged.manifest.update.model_extra or {}).get("polish") if staged.manifest.update else None
+        phases = (staged.manifest.update.model_extra or {}) if staged.manifest.update else {}
+        last = phases.get("repair") or phases.get("polish")  # the phase that staged it, when not the first one's
         done = (metrics.examples or len(mix.examples)) * (
-            polished["epochs"] if polished else self.config.training_config.num_epochs
+            last["epochs"] if last else self.config.training_config.num_epochs
         )
         steps = (metrics.model_extra or {}).get("train_runtime") or staged.train_seconds
         around = staged.train_seconds - steps
@@ -727,22 +729,31 @@ class EveningUpdate:
         aimed = [f"{', '.join(wrong)} answered wrong"] if wrong else []
         aimed += [f"{', '.join(lost)} forgotten"] if lost else []
         self.log(
-            f"{self.phase('repair')} {'; '.join(aimed)}: {self.settings.repair_epochs:g} more "
+            f"{self.phase('repair')} round {round_}: {'; '.join(aimed)}: {self.settings.repair_epochs:g} more "
             f"epoch(s) on {len(examples)} examples at learning rate {rate:.2g}, from the candidate"
         )
+        earlier_rounds = [*(last or {}).get("earlier_rounds", []), last] if round_ > 1 and last else []
         record = {
+            "round": round_,
             "concepts": wrong,
             "forgotten": lost,  # earlier concepts retrained with all their examples
             "examples": len(examples),
             "sha256": examples_hash(examples),
             "epochs": self.settings.repair_epochs,
             "learning_rate": rate,
-            "first_reasons": verdict.reasons,  # what the candidate failed before it
+            "first_reasons": verdict.reasons,  # what the candidate (or the round before) failed
+            "earlier_rounds": [{k: v for k, v in r.items() if k != "earlier_rounds"} for r in earlier_rounds],
         }
         overrides = {"num_epochs": self.settings.repair_epochs, "learning_rate": rate}
         with self.continued(staged, mix, examples, "repair", record, overrides) as repaired:
             repaired = self._with_derived_suite(repaired)
-            yield repaired, self.decide(*self.evaluate(repaired), mix.emphasis)
+            started = time.time()
+            again = self.decide(*self.evaluate(repaired), mix.emphasis)
+            if round_ >= self.settings.repair_rounds:
+                yield repaired, again
+                return
+            with self.repair(repaired, mix, again, time.time() - started, round_ + 1) as result:
+                yield result
 
     @contextlib.contextmanager
     def continued(

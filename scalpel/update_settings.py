@@ -67,6 +67,7 @@ class UpdateSettings(BaseModel):
     # and preservation in proportion), at repair_rate_scale times the update's learning rate, and evaluated
     # again: a fraction of a retry from the live version. 0: off.
     repair_epochs: float = Field(0.0, ge=0)
+    repair_rounds: int = Field(2, ge=1)  # repairs of one candidate, each on what the one before still got wrong
     repair_rate_scale: float = Field(1 / 3, gt=0, le=1)
     # Default: the first version's learning rate times learning_rate_scale. An update continues an adapter
     # that already knows things; at the full rate the new concept overwrote old answers' openings.

@@ -58,6 +58,7 @@ def settings_from_args(args) -> UpdateSettings:
         "repair_epochs": args.repair_epochs,
         "paraphrases": args.paraphrases,
         "repair_rate_scale": args.repair_rate_scale,
+        "repair_rounds": args.repair_rounds,
         "learning_rate": args.learning_rate,
         "min_retention": args.min_retention,
         "min_new_knowledge": args.min_new_knowledge,
@@ -198,6 +199,12 @@ def register(sub, threads: argparse.ArgumentParser) -> None:
         "--repair-rate-scale",
         type=float,
         help=f"the repair's learning rate, times the update's (default {UpdateSettings().repair_rate_scale:.3g})",
+    )
+    up.add_argument(
+        "--repair-rounds",
+        type=int,
+        help="repairs of one candidate at most, each on what the one before still got wrong, while the time allows "
+        f"(default {_default('repair_rounds')})",
     )
     up.add_argument(
         "--new-repeats",

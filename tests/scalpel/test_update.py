@@ -532,7 +532,10 @@ def test_a_repair_trains_the_candidate_further_on_the_new_concepts_it_answered_w
     assert repair["examples"] == 6 + manifest.update.replayed + manifest.update.preservation
     assert manifest.config["training_config"]["num_epochs"] == 3, "the update's epochs, not the repair's"
     assert manifest.metrics.learning_rate == pytest.approx(repair["learning_rate"]), "the repair's training"
-    assert sum("[candidate 1/1: evaluate]" in x for x in lines) == 2, "the repaired candidate was judged again"
+    # Judged, repaired and judged again, twice (repair_rounds 2: the phrase is never said, so both rounds fail).
+    assert sum("[candidate 1/1: evaluate]" in x for x in lines) == 3, "the repaired candidate was judged again"
+    assert repair["round"] == 2 and [r["round"] for r in repair["earlier_rounds"]] == [1]
+    assert repair["earlier_rounds"][0]["concepts"] == ["pdca"] and repair["first_reasons"][0].startswith("new know")
     assert manifest.eval["reasons"][0].startswith("new knowledge impossible")
     assert (result.version.path / "eval" / "impossible.json").is_file() and any(
         "[candidate 1/1: repair]" in x for x in lines
@@ -598,7 +601,7 @@ def test_a_repair_retrains_earlier_concepts_the_candidate_forgot(foundation, hom
     # proportion (all of it: at least as many focused examples as new ones).
     assert repair["examples"] == 6 + 6 + 0 + update["preservation"]
     assert any("[candidate 1/1: repair]" in x and "42 forgotten" in x for x in lines)
-    assert sum("[candidate 1/1: evaluate]" in x for x in lines) == 2, "the repaired candidate was judged again"
+    assert sum("[candidate 1/1: evaluate]" in x for x in lines) == 3, "judged after each of the two repairs"
     assert not result.promoted, "the phrase is never said: still forgotten after the repair, so not promoted"
     assert any(r.startswith("retention foundation") for r in result.eval["reasons"])
     # A candidate that passes every gate is never repaired, though it lost an answer (here, below no gate).
