@@ -27,6 +27,7 @@ from scalpel.update import (
     failed_gates,
     first_emphasis,
     gate_decision,
+    recently_repaired,
     replay_risk,
     replay_sample,
     retry_emphasis,
@@ -536,6 +537,7 @@ def test_a_repair_trains_the_candidate_further_on_the_new_concepts_it_answered_w
     assert sum("[candidate 1/1: evaluate]" in x for x in lines) == 3, "the repaired candidate was judged again"
     assert repair["round"] == 2 and [r["round"] for r in repair["earlier_rounds"]] == [1]
     assert repair["earlier_rounds"][0]["concepts"] == ["pdca"] and repair["first_reasons"][0].startswith("new know")
+    assert repair["kept"] == [], "pdca is wrong again: aimed at, not kept"
     assert manifest.eval["reasons"][0].startswith("new knowledge impossible")
     assert (result.version.path / "eval" / "impossible.json").is_file() and any(
         "[candidate 1/1: repair]" in x for x in lines
@@ -611,6 +613,17 @@ def test_a_repair_retrains_earlier_concepts_the_candidate_forgot(foundation, hom
     assert passed.promoted and "repair" not in passed.version.manifest.update.model_dump(by_alias=True)
     assert passed.eval["retention"]["foundation"] < 1.0, "it did lose the answer"
     assert not any("repair" in x for x in lines)
+
+
+def test_a_later_repair_round_keeps_training_what_an_earlier_round_repaired():
+    rounds = [
+        {"round": 1, "concepts": ["a", "b", "c"], "forgotten": ["old"]},
+        {"round": 2, "concepts": ["c"], "forgotten": []},
+    ]
+    # Round 3 aims at c (still wrong) and at x, lost now: a and b, repaired in round 1, and old are kept.
+    assert recently_repaired(rounds, ["c"], ["x"]) == (["a", "b"], ["old"])
+    assert recently_repaired(rounds, [], ["old"]) == (["a", "b", "c"], []), "old is aimed at, not kept"
+    assert recently_repaired([], ["c"], []) == ([], []), "a first round keeps nothing"
 
 
 def test_update_flags_reach_the_settings_and_no_replay_budget_lifts_the_cap():
