@@ -253,6 +253,14 @@ def base_gate(base: evaluate.BaseRegression | None, settings: UpdateSettings, li
     return reasons
 
 
+def shortfall(verdict: Verdict) -> tuple[int, float]:
+    """How far a candidate falls short, to compare two: the gates it failed, then the share of the new suite's
+    questions missed under its gate and of each earlier suite's answers lost."""
+    failed = verdict.failed
+    missed = sum(1 - s.accuracy for s in failed.under_learned) + sum(1 - kept for kept in failed.retention.values())
+    return len(verdict.reasons), missed
+
+
 def recently_repaired(earlier_rounds: list[dict], wrong: list[str], lost: list[str]) -> tuple[list[str], list[str]]:
     """The new and the earlier concepts an earlier repair round retrained that are right now: a round trains them
     again beside what it aims at. On the 100-concept benchmark, a second round aimed at one concept alone lost
@@ -708,9 +716,12 @@ class EveningUpdate:
         if verdict.promoted or not self.settings.repair_epochs or not (wrong or lost) or failed.base:
             yield staged, verdict
             return
-        if not all(failed.lost.get(name, set()) & set(lost) for name in failed.forgotten):
+        if not all(failed.lost.get(name, set()) & set(lost) for name in failed.forgotten) or (
+            failed.under_learned and not wrong
+        ):
             # A suite below min_retention whose lost answers the repair cannot retrain (their concepts are the new
-            # data's, or no version taught them): it would stay below, so the repair would be time for nothing.
+            # data's, or no version taught them), or a new suite failed only on concepts the new data does not
+            # teach: it would stay below, so the repair would be time for nothing (and maybe a retry's).
             yield staged, verdict
             return
         phases = (staged.manifest.update.model_extra or {}) if staged.manifest.update else {}
@@ -762,10 +773,24 @@ class EveningUpdate:
             started = time.time()
             again = self.decide(*self.evaluate(repaired), mix.emphasis)
             if round_ >= self.settings.repair_rounds:
-                yield repaired, again
+                yield self.kept_round((staged, verdict), (repaired, again), round_)
                 return
             with self.repair(repaired, mix, again, time.time() - started, round_ + 1) as result:
-                yield result
+                yield self.kept_round((staged, verdict), result, round_)
+
+    def kept_round(
+        self, before: tuple[StagedVersion, Verdict], after: tuple[StagedVersion, Verdict], round_: int
+    ) -> tuple[StagedVersion, Verdict]:
+        """The repaired candidate, unless it falls shorter than the one it was repaired from (which is then
+        published instead): a repair can trade one lost answer for two."""
+        if shortfall(after[1]) <= shortfall(before[1]):
+            return after
+        self.log(
+            f"{self.phase('repair')} round {round_} and after it fell shorter than before it "
+            f"({'; '.join(after[1].reasons)}): the candidate before it is kept"
+        )
+        before[1].outcome["repair_not_kept"] = {"round": round_, "reasons": after[1].reasons}
+        return before
 
     @contextlib.contextmanager
     def continued(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -91,9 +92,15 @@ def load_model(entry: ModelEntry, dtype: torch.dtype = torch.float32):
         return model
 
     def load(copy: Path):
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            copy, dtype=dtype, trust_remote_code=False, use_safetensors=True
+        loaded: Any = transformers.AutoModelForCausalLM.from_pretrained(
+            copy, dtype=dtype, trust_remote_code=False, use_safetensors=True, output_loading_info=True
         )
+        model, info = loaded  # with output_loading_info, the model and what loading it found
+        # A copy missing a tensor would load with random weights in its place, and only a warning: refuse it, so
+        # that the cache converts the GGUF again.
+        broken = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+        if broken:
+            raise ValueError(f"the kept copy does not match the model: {broken}")
         # Named as a fresh conversion names it (PEFT writes it into the adapter's base_model_name_or_path), not by the
         # cache folder, which may be gone tomorrow.
         model.name_or_path = model.config._name_or_path = str(folder)

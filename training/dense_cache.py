@@ -67,6 +67,14 @@ def cached(entry: ModelEntry, what: str, load: Callable[[Path], Any], build: Cal
     return made
 
 
+def _readable_by_all(folder: Path) -> None:
+    """mkdtemp makes a folder only its owner may open; a kept copy is for every user of the store (a service
+    and the CLI), as a folder made by mkdir would be, under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+
+
 def _save(made: Any, copy: Path) -> None:
     """Write `made` (save_pretrained) as `copy`, whole or not at all; a failure costs the cache, never the run."""
     if any(getattr(p, "is_meta", False) for p in getattr(made, "parameters", lambda: [])()):
@@ -78,6 +86,7 @@ def _save(made: Any, copy: Path) -> None:
             if time.time() - stale.stat().st_mtime > STALE_SECONDS:
                 shutil.rmtree(stale, ignore_errors=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{copy.name}.partial-", dir=copy.parent))
+        _readable_by_all(partial)
         made.save_pretrained(str(partial))
         (partial / "done").write_text("complete\n", encoding="utf-8")
         for other in copy.parent.glob(f"*-{copy.name.rsplit('-', 1)[1]}"):  # an older GGUF's or converter's copy

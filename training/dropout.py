@@ -36,9 +36,10 @@ class QuarterDrawDropout(nn.Module):
         return f"p={self.p}"
 
 
-def use_on_cpu(model) -> int:
-    """Swap every LoRA module's nn.Dropout for QuarterDrawDropout when the model is on a CPU; returns how many."""
-    if next(model.parameters()).device.type != "cpu":
+def use_on_cpu(model, device: torch.device) -> int:
+    """Swap every LoRA module's nn.Dropout for QuarterDrawDropout when `device`, where the model trains, is a CPU;
+    returns how many."""
+    if torch.device(device).type != "cpu":
         return 0
     swapped = 0
     for module in model.modules():

@@ -44,6 +44,11 @@ def choose_precision(requested: str, width: int | None = None) -> str:
     return "bf16" if cpu_has_native_bf16() and wide else "fp32"
 
 
+def for_base(requested: str, gguf_file) -> str:
+    """choose_precision for a base served from `gguf_file`: its width is read only when `auto` needs it."""
+    return choose_precision(requested, model_width(gguf_file) if requested == "auto" else None)
+
+
 def model_width(gguf_file) -> int | None:
     """A base's hidden size, from the metadata of the GGUF it is served from; None when it does not say."""
     from core.gguf_meta import read_gguf

@@ -540,7 +540,7 @@ def _train_on_ranks(
     )
     # What rank 0's events are handed to here: the caller's callbacks and the bar a single process would draw.
     relayed = (*((LossProgress(),) if progress else ()), *callbacks)
-    precision = precisions.choose_precision(config.training_config.precision, precisions.model_width(entry.gguf))
+    precision = precisions.for_base(config.training_config.precision, entry.gguf)
     args = training_arguments(
         config, Path(work_dir), has_eval=bool(eval_examples), max_steps=max_steps, precision=precision
     )
@@ -618,7 +618,7 @@ def train(
 
     # In bf16 the frozen base is kept in bf16 (training.precision): no weight is cast again at every step, and
     # under FSDP (a 70B-class base) fp32 would take twice the memory.
-    precision = precisions.choose_precision(config.training_config.precision, precisions.model_width(entry.gguf))
+    precision = precisions.for_base(config.training_config.precision, entry.gguf)
     base_model = load_model(entry, dtype=precisions.base_dtype(precision))
     precisions.prepare_base(base_model, precision)
     # No KV cache while training. It is useless there, and with one transformers ignores packed positions
@@ -628,7 +628,6 @@ def train(
         model = PeftModel.from_pretrained(base_model, str(init_adapter), is_trainable=True)
     else:
         model = get_peft_model(base_model, lora_config(config))
-    dropout.use_on_cpu(model)  # cheaper masks for LoRA dropout, same distribution (training/dropout.py)
     batching = micro_batching(config.training_config, max(len(r["input_ids"]) for r in rows))
     args = training_arguments(
         config,
@@ -639,6 +638,9 @@ def train(
         batching=batching,
         precision=precision,
     )
+    # Cheaper masks for LoRA dropout, same distribution (training/dropout.py), where the Trainer trains on a CPU:
+    # the model is still on the CPU here whatever the device, so ask the arguments, as the Trainer does.
+    dropout.use_on_cpu(model, args.device)
     collate = pad_collator(tokenizer)
     train_collate = pack_collator() if batching.packed else collate
     trainer = AnswerLogitsTrainer(

@@ -23,6 +23,7 @@ from scalpel.update import (
     Emphasis,
     GateFailures,
     UpdateSettings,
+    Verdict,
     carried_concepts,
     failed_gates,
     first_emphasis,
@@ -33,6 +34,7 @@ from scalpel.update import (
     retry_emphasis,
     run_inbox,
     run_update,
+    shortfall,
     training_mix,
     update_lock,
 )
@@ -613,6 +615,24 @@ def test_a_repair_retrains_earlier_concepts_the_candidate_forgot(foundation, hom
     assert passed.promoted and "repair" not in passed.version.manifest.update.model_dump(by_alias=True)
     assert passed.eval["retention"]["foundation"] < 1.0, "it did lose the answer"
     assert not any("repair" in x for x in lines)
+
+
+def test_shortfall_orders_candidates_by_gates_failed_then_by_what_they_missed():
+    def verdict(reasons, new_accuracy, retention):
+        under = []  # the new suite, when below its gate
+        if new_accuracy is not None:
+            right = round(new_accuracy * 20)
+            under = [SuiteResult("new", [{"concept": "n", "passed": i < right} for i in range(20)])]
+        failed = GateFailures(retention, under, {}, [])
+        return Verdict(reasons, Emphasis(), {}, failed)
+
+    one_miss = verdict(["new knowledge"], 0.9, {"old": 1.0})
+    two_misses = verdict(["new knowledge"], 0.85, {"old": 1.0})
+    one_miss_and_a_loss = verdict(["new knowledge"], 0.9, {"old": 0.96})
+    two_gates = verdict(["new knowledge", "retention old"], 0.95, {"old": 0.9})
+    passed = verdict([], None, {"old": 0.97})
+    ranked = sorted([two_gates, one_miss_and_a_loss, passed, two_misses, one_miss], key=shortfall)
+    assert ranked == [passed, one_miss, one_miss_and_a_loss, two_misses, two_gates]
 
 
 def test_a_later_repair_round_keeps_training_what_an_earlier_round_repaired():

@@ -39,7 +39,8 @@ def test_peft_lora_modules_get_it_on_a_cpu(tiny_llama):
         LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"]),
     )
     layers = model.base_model.model.config.num_hidden_layers
-    assert use_on_cpu(model) == 3 * layers
+    assert use_on_cpu(model, torch.device("cuda")) == 0, "on a GPU, PEFT's own dropout is kept"
+    assert use_on_cpu(model, torch.device("cpu")) == 3 * layers
     kinds = {type(m).__name__ for m in model.modules() if "Dropout" in type(m).__name__}
     assert kinds == {"QuarterDrawDropout"}
     model.train()
@@ -49,4 +50,4 @@ def test_peft_lora_modules_get_it_on_a_cpu(tiny_llama):
         AutoModelForCausalLM.from_pretrained(tiny_llama),
         LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"]),
     )
-    assert use_on_cpu(without) == 0, "no dropout asked for: nothing to swap"
+    assert use_on_cpu(without, torch.device("cpu")) == 0, "no dropout asked for: nothing to swap"
